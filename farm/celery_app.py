@@ -1,0 +1,50 @@
+"""The Celery configuration shared by senders and workers.
+
+Senders use `send_task` with the task's name, so they never import worker code.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from farm import keys
+from farm.settings import Settings
+
+
+def make_celery(settings: Settings) -> Celery:
+    if not settings.broker_url:
+        raise ValueError("no broker: set FARM_BROKER_URL (redis://host:6379/0) or pass --broker")
+    app = Celery("farm", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        # Messages are JSON only: a pickled message is refused and never runs.
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # Progress and outcomes go to farm's own Redis keys and the store; Celery
+        # results would only pile up (one key per task for a day).
+        task_ignore_result=True,
+        result_backend=None,
+        # Ack after the chunk is stored, so a worker that dies mid-chunk loses nothing.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One chunk in hand per worker process: a batch is already many images, and
+        # anything prefetched is work another GPU could be doing.
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        task_routes={keys.RENDER_TASK: {"queue": settings.queue}},
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # A message not acked within this many seconds goes back to the queue.
+            # Kept short so a dead worker's chunk returns fast; a live worker renews
+            # the lease of the message it renders (workers/lease.py), so a long
+            # chunk is never delivered twice.
+            "visibility_timeout": settings.visibility_timeout,
+            # kombu looks for expired messages only every 10 x 10 s by default
+            # (a killed worker's task came back after 97 s); look every second.
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app

@@ -1,0 +1,288 @@
+"""The `farm` command line.
+
+Exit codes, for scripts:
+  0  done (for run / submit --wait: every image stored)
+  1  the job finished with failed items
+  2  bad input: the spec or an argument is invalid (nothing was queued)
+  3  a service did not answer or refused access (Redis, the store)
+  4  no such job
+  130 interrupted
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from farm import keys
+from farm.errors import FarmError, JobNotFound, PermanentError, RetriableError, SpecError, StoreAccessDenied
+from farm.progress import JobBoard, JobState, JobStatus
+from farm.settings import Settings
+from farm.spec import load_spec
+
+app = typer.Typer(help="farm: a distributed render farm for Stable Diffusion.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console(stderr=True)
+out = Console()
+
+EXIT_DONE, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_SERVICE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
+
+BrokerOpt = typer.Option(None, "--broker", help="Redis URL [env: FARM_BROKER_URL]")
+StoreOpt = typer.Option(None, "--store", help="s3://bucket/prefix or a folder [env: FARM_STORE]")
+EndpointOpt = typer.Option(None, "--endpoint-url", help="S3 endpoint [env: AWS_ENDPOINT_URL]")
+
+
+def _settings(broker=None, store=None, endpoint=None) -> Settings:
+    return Settings.from_env().with_overrides(broker_url=broker, store=store, s3_endpoint_url=endpoint)
+
+
+def _fail(code: int, message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _errors():
+    """Turn farm's errors into one-line reasons and the documented exit codes."""
+    import redis
+
+    try:
+        yield
+    except SpecError as e:
+        console.print("[red]invalid job spec:[/red]", highlight=False)
+        for field, reason in e.problems:
+            console.print(f"  {field}: {reason}", highlight=False, markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    except JobNotFound as e:
+        raise _fail(EXIT_NOT_FOUND, str(e))
+    except (StoreAccessDenied, RetriableError, redis.ConnectionError, redis.AuthenticationError) as e:
+        raise _fail(EXIT_SERVICE, str(e))
+    except (PermanentError, ValueError, FarmError) as e:
+        raise _fail(EXIT_BAD_INPUT, str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+
+
+def _follow_with_bar(board: JobBoard, job_id: str, total: int) -> JobStatus:
+    from dispatcher.follow import follow
+
+    with _progress() as bar:
+        task = bar.add_task(job_id, total=total, detail="")
+
+        def update(s: JobStatus) -> None:
+            detail = f"running {s.running}, failed {s.failed}" if s.failed else f"running {s.running}"
+            bar.update(task, completed=s.done + s.failed, detail=detail)
+
+        return follow(board, job_id, update)
+
+
+def _finish_code(status: JobStatus) -> int:
+    if status.state is JobState.DONE:
+        return EXIT_DONE
+    for index, reason in sorted(status.failures.items())[:10]:
+        console.print(f"  item {index}: {reason}", highlight=False, markup=False)
+    return EXIT_FAILURES
+
+
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="job spec (TOML, or JSON by its .json name)"),
+    out_dir: Path = typer.Option(Path("farm-out"), "--out", help="folder to write the job's outputs into"),
+    gpus: str = typer.Option("all", help="GPUs for the embedded workers: all, none, or a list such as 0,1"),
+):
+    """Render a job on this machine: a private Redis and real worker processes, outputs in a folder."""
+    from dispatcher.submit import submit
+    from farm.embedded import RedisServer, start_workers, stop_workers, wait_for_workers
+
+    with _errors():
+        job = load_spec(spec)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="farm-run-") as tmp, RedisServer(Path(tmp) / "redis") as server:
+            settings = Settings.from_env().with_overrides(broker_url=server.url, store=str(out_dir.resolve()))
+            with open(Path(tmp) / "workers.log", "wb") as log:
+                workers = start_workers(settings, gpus=gpus, name=f"run-{os.getpid()}", log=log)
+                try:
+                    with console.status("starting a worker (loads torch and the model)..."):
+                        wait_for_workers(settings.broker_url, 1)
+                    submitted = submit(job, settings)
+                    console.print(f"job [bold]{submitted.job_id}[/bold]: {submitted.items} images "
+                                  f"in {submitted.chunks} batches", highlight=False)
+                    status = _follow_with_bar(JobBoard.from_url(settings.broker_url), submitted.job_id, submitted.items)
+                finally:
+                    stop_workers(workers)
+        job_dir = out_dir / submitted.job_id
+        _write_contact_sheet(job_dir, job.seed_count)
+        out.print(str(job_dir))
+        raise typer.Exit(_finish_code(status))
+
+
+def _write_contact_sheet(job_dir: Path, columns: int) -> None:
+    from farm.contact import contact_sheet
+
+    manifest_path = job_dir / "manifest.jsonl"
+    if not manifest_path.exists():
+        return
+    rows = [json.loads(line) for line in manifest_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    images = [(job_dir.parent / r["key"]).read_bytes() for r in rows]
+    labels = [r["prompt"] for r in rows[::columns]]
+    contact_sheet(images, columns=min(columns, len(images)), row_labels=labels).save(job_dir / "grid.png")
+    console.print(f"contact sheet: {job_dir / 'grid.png'}", highlight=False)
+
+
+@app.command()
+def submit(
+    spec: Path = typer.Argument(..., help="job spec (TOML, or JSON by its .json name)"),
+    wait: bool = typer.Option(False, "--wait", help="follow the job with a progress bar until it ends"),
+    user: Optional[str] = typer.Option(None, help="who the job is for (default: your login name)"),
+    broker: Optional[str] = BrokerOpt,
+    store: Optional[str] = StoreOpt,
+    endpoint_url: Optional[str] = EndpointOpt,
+):
+    """Queue a job on the pool; print its id."""
+    from dispatcher.submit import submit as do_submit
+
+    with _errors():
+        settings = _settings(broker, store, endpoint_url)
+        if not settings.broker_url:
+            raise ValueError("no broker: set FARM_BROKER_URL or pass --broker")
+        job = load_spec(spec)
+        submitted = do_submit(job, settings, user=user)
+        out.print(submitted.job_id)
+        if wait:
+            status = _follow_with_bar(JobBoard.from_url(settings.broker_url), submitted.job_id, submitted.items)
+            raise typer.Exit(_finish_code(status))
+
+
+def _board(broker: Optional[str]) -> JobBoard:
+    settings = _settings(broker)
+    if not settings.broker_url:
+        raise ValueError("no broker: set FARM_BROKER_URL or pass --broker")
+    return JobBoard.from_url(settings.broker_url)
+
+
+def _eta(status: JobStatus) -> str:
+    eta = status.eta_seconds
+    if status.finished:
+        return "-"
+    if eta is None:
+        return "unknown"
+    return time.strftime("%H:%M:%S", time.gmtime(eta))
+
+
+@app.command()
+def status(
+    job_id: str = typer.Argument(..., help="job id, as submit printed it"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    broker: Optional[str] = BrokerOpt,
+):
+    """Show a job's counts (queued, running, done, failed) and ETA."""
+    with _errors():
+        s = _board(broker).status(job_id)
+        if as_json:
+            out.print_json(json.dumps({
+                "job": s.job_id, "state": s.state.value, "total": s.total, "queued": s.queued,
+                "running": s.running, "done": s.done, "failed": s.failed, "eta_seconds": s.eta_seconds,
+                "failures": {str(k): v for k, v in s.failures.items()},
+            }))
+            return
+        table = Table(title=f"{s.job_id}: {s.state.value}", show_header=True)
+        for column in ("total", "queued", "running", "done", "failed", "ETA"):
+            table.add_column(column, justify="right")
+        table.add_row(str(s.total), str(s.queued), str(s.running), str(s.done), str(s.failed), _eta(s))
+        out.print(table)
+        for index, reason in sorted(s.failures.items())[:20]:
+            out.print(f"item {index}: {reason}", highlight=False, markup=False)
+
+
+@app.command()
+def results(
+    job_id: str = typer.Argument(...),
+    out_dir: Path = typer.Option(Path("."), "--out", help="folder to download into (job in a sub-folder)"),
+    broker: Optional[str] = BrokerOpt,
+    store: Optional[str] = StoreOpt,
+    endpoint_url: Optional[str] = EndpointOpt,
+):
+    """Download a job's images, job.json and manifest.jsonl."""
+    from dispatcher.results import download
+    from farm.store import open_store
+
+    with _errors():
+        keys.check_job_id(job_id)
+        settings = _settings(broker, store, endpoint_url)
+        store_url = settings.store
+        if settings.broker_url:
+            try:
+                store_url = JobBoard.from_url(settings.broker_url).status(job_id).store
+            except JobNotFound:
+                if not store_url:
+                    raise
+        if not store_url:
+            raise ValueError("no store: set FARM_STORE or pass --store")
+        source = open_store(store_url, settings)
+        with _progress() as bar:
+            task = bar.add_task("downloading", total=None, detail="")
+            files = download(source, job_id, out_dir, on_file=lambda _k: bar.advance(task))
+        images = sum(1 for f in files if "/images/" in f)
+        spec = json.loads((out_dir / keys.job_json(job_id)).read_text())["spec"]
+        seeds = spec["seeds"]["count"] if isinstance(spec["seeds"], dict) else len(spec["seeds"])
+        _write_contact_sheet(out_dir / job_id, seeds)
+        out.print(f"{images} images in {out_dir / job_id}", highlight=False)
+
+
+@app.command()
+def worker(
+    gpus: str = typer.Option("all", help="all, none (one CPU worker), or a list such as 0,1"),
+    broker: Optional[str] = BrokerOpt,
+    name: Optional[str] = typer.Option(None, help="host part of the worker names"),
+):
+    """Start one worker process per GPU on this host (one CPU worker without GPUs)."""
+    settings = _settings(broker)
+    if not settings.broker_url:
+        raise _fail(EXIT_BAD_INPUT, "no broker: set FARM_BROKER_URL or pass --broker")
+    env = {**os.environ, **settings.to_env()}
+    args = [sys.executable, "-m", "workers.supervisor", "--gpus", gpus] + (["--name", name] if name else [])
+    os.execve(sys.executable, args, env)
+
+
+@app.command()
+def info(image: Path = typer.Argument(..., help="a PNG the farm (or the webui) made")):
+    """Print an image's generation parameters, parsed as the webui's PNG Info does."""
+    from farm import infotext, png
+
+    with _errors():
+        try:
+            text = png.read_parameters(image.read_bytes())
+        except OSError as e:
+            raise ValueError(f"cannot read {image}: {e}") from None
+        if text is None:
+            raise ValueError(f"{image} has no 'parameters' text")
+        out.print_json(json.dumps(infotext.parse(text), ensure_ascii=False))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

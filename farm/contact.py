@@ -1,0 +1,30 @@
+"""A contact sheet: the job's images in one grid, seeds across, prompts and grid cells down."""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+from PIL import Image, ImageDraw
+
+LABEL_HEIGHT = 14
+
+
+def contact_sheet(images: Sequence[bytes], columns: int, row_labels: Sequence[str] = (), max_side: int = 256) -> Image.Image:
+    tiles = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    if not tiles:
+        raise ValueError("no images to lay out")
+    w, h = tiles[0].size
+    scale = min(1.0, max_side / max(w, h))
+    tw, th = max(1, int(w * scale)), max(1, int(h * scale))
+    rows = -(-len(tiles) // columns)
+    label_h = LABEL_HEIGHT if row_labels else 0
+    sheet = Image.new("RGB", (columns * tw, rows * (th + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        y = r * (th + label_h)
+        if c == 0 and r < len(row_labels):
+            draw.text((2, y + 1), row_labels[r][: max(8, columns * tw // 6)], fill="black")
+        sheet.paste(tile.resize((tw, th), Image.Resampling.LANCZOS), (c * tw, y + label_h))
+    return sheet

@@ -1,0 +1,110 @@
+"""Every store key, Redis key, queue name and TTL farm uses, in one place.
+
+Store keys are pure functions of the job id and the item (index, seed): a rerun
+or a redelivered task writes the same key again, never a second object.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+# --- store layout, under the store's prefix -------------------------------------------
+
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def new_job_id(name: str | None = None) -> str:
+    """A fresh, sortable job id; the spec's validated name leads it when given."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{name or 'job'}-{stamp}-{secrets.token_hex(3)}"
+
+
+def check_job_id(job_id: str) -> str:
+    """Job ids become key components, so they may never carry a path separator or `..`."""
+    if not JOB_ID_PATTERN.fullmatch(job_id) or ".." in job_id:
+        raise ValueError(f"not a job id: {job_id[:80]!r}")
+    return job_id
+
+
+def job_json(job_id: str) -> str:
+    """The normalized spec with resolved seeds, written once at submission."""
+    return f"{check_job_id(job_id)}/job.json"
+
+
+def image(job_id: str, index: int, seed: int) -> str:
+    """One image: `<job>/images/<index:06d>-<seed>.png`."""
+    return f"{check_job_id(job_id)}/images/{index:06d}-{seed}.png"
+
+
+def record(job_id: str, index: int) -> str:
+    """One item's manifest row, written after its image; S3 has no append."""
+    return f"{check_job_id(job_id)}/records/{index:06d}.json"
+
+
+def records_prefix(job_id: str) -> str:
+    return f"{check_job_id(job_id)}/records/"
+
+
+def images_prefix(job_id: str) -> str:
+    return f"{check_job_id(job_id)}/images/"
+
+
+def manifest(job_id: str) -> str:
+    """All records of a job, one JSON object a line, in index order; assembled at the end."""
+    return f"{check_job_id(job_id)}/manifest.jsonl"
+
+
+# --- Redis ------------------------------------------------------------------------------
+
+PREFIX = "farm"
+
+#: Sorted set of job ids by submission time, for listing.
+JOBS_INDEX = f"{PREFIX}:jobs"
+
+
+#: Hash: worker name -> JSON {host, since, queue}, written when a worker is ready and
+#: removed when it shuts down cleanly; `farm run` and the tests wait on it.
+WORKERS = f"{PREFIX}:workers"
+
+
+def job_hash(job_id: str) -> str:
+    """Hash: state, totals, counters, timestamps and the store URL of one job."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def done_bits(job_id: str) -> str:
+    """Bitmap, one bit per item: set when its image and record are stored. A bitmap
+    makes counting exact under redelivery (SETBIT returns the old bit) and costs
+    125 kB for a million items."""
+    return f"{PREFIX}:job:{job_id}:done"
+
+
+def failed_bits(job_id: str) -> str:
+    """Bitmap, one bit per item that failed permanently."""
+    return f"{PREFIX}:job:{job_id}:failed"
+
+
+def failures(job_id: str) -> str:
+    """Hash: item index -> the reason it failed."""
+    return f"{PREFIX}:job:{job_id}:failures"
+
+
+def running(job_id: str) -> str:
+    """Hash: chunk number -> JSON {worker, items, started} for chunks being rendered."""
+    return f"{PREFIX}:job:{job_id}:running"
+
+
+def job_keys(job_id: str) -> list[str]:
+    return [job_hash(job_id), done_bits(job_id), failed_bits(job_id), failures(job_id), running(job_id)]
+
+
+#: How long a finished job's state stays in Redis. Its images, records and
+#: manifest stay in the store; a week covers `farm status` after a long weekend.
+FINISHED_JOB_TTL = 7 * 24 * 3600
+
+# --- Celery -------------------------------------------------------------------------------
+
+#: The render task, sent by name so the sender needs no worker code.
+RENDER_TASK = "farm.render_chunk"

@@ -1,0 +1,192 @@
+"""Job state and counters in Redis: written by the dispatcher and the workers, read by everyone.
+
+Counting is exact under redelivery: an item's done bit is set with SETBIT, which
+returns the old bit, and only a 0 -> 1 change moves a counter.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import redis
+
+from farm import keys
+from farm.errors import JobNotFound
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    DONE_WITH_FAILURES = "done with failures"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.DONE, JobState.DONE_WITH_FAILURES, JobState.CANCELLED)
+
+
+# KEYS: job hash, bits to set, bits of the other outcome.
+# ARGV: counter to raise, the other counter, now, index...
+# Returns {items newly counted, 1 if this call completed the job}.
+_MARK = """
+local new = 0
+for i = 4, #ARGV do
+  if redis.call('SETBIT', KEYS[2], ARGV[i], 1) == 0 then
+    new = new + 1
+    if redis.call('GETBIT', KEYS[3], ARGV[i]) == 1 then
+      redis.call('SETBIT', KEYS[3], ARGV[i], 0)
+      redis.call('HINCRBY', KEYS[1], ARGV[2], -1)
+    end
+  end
+end
+if new == 0 then return {0, 0} end
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], new)
+local other = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0')
+local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '-1')
+if n + other >= total and redis.call('HSETNX', KEYS[1], 'completed_at', ARGV[3]) == 1 then
+  return {new, 1}
+end
+return {new, 0}
+"""
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    state: JobState
+    total: int
+    done: int
+    failed: int
+    running: int
+    store: str
+    created: float
+    started: float | None
+    completed: float | None
+    failures: dict[int, str] = field(default_factory=dict)
+    workers: list[str] = field(default_factory=list)
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.total - self.done - self.failed - self.running)
+
+    @property
+    def finished(self) -> bool:
+        return self.state.finished
+
+    @property
+    def eta_seconds(self) -> float | None:
+        if not self.started or self.done == 0 or self.finished:
+            return None
+        rate = self.done / max(1e-6, time.time() - self.started)
+        return (self.total - self.done - self.failed) / rate
+
+
+class JobBoard:
+    """Reads and writes job state in Redis."""
+
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+        self._mark = client.register_script(_MARK)
+
+    @classmethod
+    def from_url(cls, url: str) -> "JobBoard":
+        return cls(redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30))
+
+    def create(self, job_id: str, total: int, chunks: int, store_url: str, user: str, name: str = "") -> None:
+        now = time.time()
+        with self.redis.pipeline() as pipe:
+            pipe.hset(keys.job_hash(job_id), mapping={
+                "state": JobState.QUEUED.value, "total": total, "chunks": chunks, "done": 0, "failed": 0,
+                "store": store_url, "user": user, "name": name, "created": now,
+            })
+            pipe.zadd(keys.JOBS_INDEX, {job_id: now})
+            pipe.execute()
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(keys.job_hash(job_id)))
+
+    def mark_running(self, job_id: str, chunk: int, worker: str, items: int) -> None:
+        now = time.time()
+        with self.redis.pipeline() as pipe:
+            pipe.hsetnx(keys.job_hash(job_id), "started", now)
+            pipe.hset(keys.running(job_id), chunk, json.dumps({"worker": worker, "items": items, "since": now}))
+            pipe.execute()
+        self._promote(job_id)
+
+    def _promote(self, job_id: str) -> None:
+        # queued -> running, never backwards from a final state.
+        self.redis.eval(
+            "if redis.call('HGET', KEYS[1], 'state') == ARGV[1] then redis.call('HSET', KEYS[1], 'state', ARGV[2]) end",
+            1, keys.job_hash(job_id), JobState.QUEUED.value, JobState.RUNNING.value,
+        )
+
+    def clear_running(self, job_id: str, chunk: int) -> None:
+        self.redis.hdel(keys.running(job_id), chunk)
+
+    def mark_done(self, job_id: str, indexes: list[int]) -> bool:
+        """Count these items done. True when this call completed the job."""
+        return self._count(job_id, indexes, keys.done_bits(job_id), keys.failed_bits(job_id), "done", "failed")
+
+    def mark_failed(self, job_id: str, reasons: dict[int, str]) -> bool:
+        """Count these items failed, with their reasons. True when this call completed the job."""
+        if reasons:
+            self.redis.hset(keys.failures(job_id), mapping={str(i): r[:2000] for i, r in reasons.items()})
+        done = self.redis.pipeline()
+        for i in reasons:
+            done.getbit(keys.done_bits(job_id), i)
+        fresh = [i for i, bit in zip(reasons, done.execute()) if not bit]
+        return self._count(job_id, fresh, keys.failed_bits(job_id), keys.done_bits(job_id), "failed", "done")
+
+    def _count(self, job_id, indexes, bits, other_bits, counter, other) -> bool:
+        if not indexes:
+            return False
+        _, completed = self._mark(
+            keys=[keys.job_hash(job_id), bits, other_bits], args=[counter, other, time.time(), *indexes]
+        )
+        return bool(completed)
+
+    def is_done(self, job_id: str, index: int) -> bool:
+        return bool(self.redis.getbit(keys.done_bits(job_id), index))
+
+    def finish(self, job_id: str) -> JobState:
+        """Set the final state from the counts, and let the job's keys expire."""
+        status = self.status(job_id)
+        state = JobState.DONE_WITH_FAILURES if status.failed else JobState.DONE
+        with self.redis.pipeline() as pipe:
+            pipe.hset(keys.job_hash(job_id), "state", state.value)
+            for key in keys.job_keys(job_id):
+                pipe.expire(key, keys.FINISHED_JOB_TTL)
+            pipe.execute()
+        return state
+
+    def status(self, job_id: str) -> JobStatus:
+        with self.redis.pipeline() as pipe:
+            pipe.hgetall(keys.job_hash(job_id))
+            pipe.hvals(keys.running(job_id))
+            pipe.hgetall(keys.failures(job_id))
+            data, running, failures = pipe.execute()
+        if not data:
+            raise JobNotFound(f"no job {job_id!r} in Redis")
+        data = {k.decode(): v.decode() for k, v in data.items()}
+        running_rows = [json.loads(r) for r in running]
+        return JobStatus(
+            job_id=job_id,
+            state=JobState(data["state"]),
+            total=int(data["total"]),
+            done=int(data.get("done", 0)),
+            failed=int(data.get("failed", 0)),
+            running=sum(r["items"] for r in running_rows),
+            store=data["store"],
+            created=float(data["created"]),
+            started=float(data["started"]) if "started" in data else None,
+            completed=float(data["completed_at"]) if "completed_at" in data else None,
+            failures={int(k): v.decode() for k, v in failures.items()},
+            workers=sorted({r["worker"] for r in running_rows}),
+        )
+
+    def recent_jobs(self, limit: int = 20) -> list[str]:
+        return [j.decode() for j in self.redis.zrevrange(keys.JOBS_INDEX, 0, limit - 1)]

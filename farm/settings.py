@@ -1,0 +1,79 @@
+"""One settings object, read from the environment once, at the edge.
+
+boto3 reads its own variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`, profiles); farm passes them through
+untouched, so MinIO, R2, SeaweedFS and AWS all work the same way. Everything
+farm adds has a `FARM_` prefix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "farm"
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: Redis URL of the Celery broker and of job state, e.g. redis://:pw@host:6379/0.
+    broker_url: str | None = None
+    #: Where outputs go: s3://bucket/prefix, or a local folder.
+    store: str | None = None
+    #: S3 endpoint for non-AWS servers; None lets boto3 decide (it reads AWS_ENDPOINT_URL).
+    s3_endpoint_url: str | None = None
+    #: Where built-in models are built and cached on a worker host.
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    #: "auto" picks CUDA when present, else CPU; or any torch device string.
+    device: str = "auto"
+    #: Seconds a delivered message may go without its lease renewed before the
+    #: broker hands it to another worker. Short, so a dead worker's chunk comes
+    #: back fast; a live worker renews it every third of this while it renders.
+    visibility_timeout: float = 20.0
+    #: Queue that render tasks go to.
+    queue: str = "farm.render"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        kwargs: dict = {
+            "broker_url": env.get("FARM_BROKER_URL") or None,
+            "store": env.get("FARM_STORE") or None,
+            "s3_endpoint_url": env.get("AWS_ENDPOINT_URL") or None,
+            "device": env.get("FARM_DEVICE") or "auto",
+            "queue": env.get("FARM_QUEUE") or "farm.render",
+        }
+        if env.get("FARM_CACHE_DIR"):
+            kwargs["cache_dir"] = Path(env["FARM_CACHE_DIR"])
+        if env.get("FARM_VISIBILITY_TIMEOUT"):
+            kwargs["visibility_timeout"] = float(env["FARM_VISIBILITY_TIMEOUT"])
+        return cls(**kwargs)
+
+    def with_overrides(self, **changes) -> "Settings":
+        """A copy with each given value that is not None replaced (CLI flags win)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_env(self) -> dict[str, str]:
+        """The FARM_ variables that reproduce these settings in a child process."""
+        env = {
+            "FARM_DEVICE": self.device,
+            "FARM_CACHE_DIR": str(self.cache_dir),
+            "FARM_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
+            "FARM_QUEUE": self.queue,
+        }
+        if self.broker_url:
+            env["FARM_BROKER_URL"] = self.broker_url
+        if self.store:
+            env["FARM_STORE"] = self.store
+        if self.s3_endpoint_url:
+            env["AWS_ENDPOINT_URL"] = self.s3_endpoint_url
+        return env
+
+    @property
+    def lease_renew_interval(self) -> float:
+        return self.visibility_timeout / 3

@@ -1,0 +1,104 @@
+"""The model cache: each model is loaded once per worker process and kept resident.
+
+A model reference is a built-in name (`tiny-sd`) or a local diffusers folder.
+Built-in models are themselves built into a diffusers folder first, so every model
+loads through the same `from_pretrained` call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from farm.errors import ModelError
+from workers import tiny
+
+log = logging.getLogger(__name__)
+
+# Weight files whose hash names a diffusers folder, most telling first.
+_HASHED_FILES = ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors")
+
+
+@dataclass
+class LoadedModel:
+    ref: str
+    name: str
+    hash: str
+    path: Path
+    pipe: object
+    scheduler_config: dict
+
+
+def model_hash(path: Path) -> str:
+    """The webui's short hash: the first 10 hex digits of the sha256 of the weights file.
+    A folder is named by its UNet's weights, the file that makes one fine-tune differ from another."""
+    target = path
+    if path.is_dir():
+        target = next((path / f for f in _HASHED_FILES if (path / f).is_file()), None)
+        if target is None:
+            return ""
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+class ModelCache:
+    def __init__(self, cache_dir: Path, device: torch.device, dtype: torch.dtype, capacity: int = 2):
+        self.cache_dir = cache_dir
+        self.device = device
+        self.dtype = dtype
+        self.capacity = capacity
+        self.loads = 0
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+
+    def get(self, ref: str) -> LoadedModel:
+        if ref in self._models:
+            self._models.move_to_end(ref)
+            return self._models[ref]
+        model = self._load(ref)
+        self._models[ref] = model
+        while len(self._models) > self.capacity:
+            _, evicted = self._models.popitem(last=False)
+            log.info("evicting model %s", evicted.name)
+            del evicted
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return model
+
+    def _resolve(self, ref: str) -> tuple[Path, str]:
+        if ref in tiny.BUILTIN_MODELS:
+            return tiny.builtin_model_dir(ref, self.cache_dir), ref
+        path = Path(ref)
+        if not path.exists():
+            raise ModelError(f"model {ref!r} not found on this worker")
+        if path.is_file():
+            raise ModelError(f"model {ref!r}: single-file checkpoints are not supported yet; use a diffusers folder")
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"model {ref!r} is not a diffusers folder (no model_index.json)")
+        return path, path.name
+
+    def _load(self, ref: str) -> LoadedModel:
+        from diffusers import StableDiffusionPipeline
+
+        path, name = self._resolve(ref)
+        started = time.perf_counter()
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path, torch_dtype=self.dtype, local_files_only=True, use_safetensors=True,
+                safety_checker=None, requires_safety_checker=False,
+            )
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ModelError(f"model {ref!r} failed to load: {e}") from e
+        pipe = pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.loads += 1
+        log.info("loaded model %s on %s in %.1fs", name, self.device, time.perf_counter() - started)
+        return LoadedModel(ref, name, model_hash(path), path, pipe, dict(pipe.scheduler.config))

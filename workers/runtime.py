@@ -1,0 +1,70 @@
+"""What a worker process makes once and keeps: device, model cache, stores, Redis clients.
+
+Created in Celery's `worker_process_init`, after the fork, so CUDA is initialised
+in the process that uses it and never in the parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass, field
+
+import redis
+import torch
+
+from farm.progress import JobBoard
+from farm.settings import Settings
+from farm.store import Store, open_store
+from workers.device import describe, dtype_for, select_device
+from workers.models import ModelCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    device: torch.device
+    device_name: str
+    models: ModelCache
+    redis: redis.Redis
+    board: JobBoard
+    hostname: str = field(default_factory=socket.gethostname)
+    _stores: dict[str, Store] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, settings: Settings) -> "Runtime":
+        device = select_device(settings.device)
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, health_check_interval=30)
+        runtime = cls(
+            settings=settings,
+            device=device,
+            device_name=describe(device),
+            models=ModelCache(settings.cache_dir, device, dtype_for(device)),
+            redis=client,
+            board=JobBoard(client),
+        )
+        log.info("worker process ready on %s", runtime.device_name)
+        return runtime
+
+    def store(self, url: str) -> Store:
+        """One store object (and so one boto3 client) per store URL, for the life of the process."""
+        if url not in self._stores:
+            self._stores[url] = open_store(url, self.settings)
+        return self._stores[url]
+
+
+_runtime: Runtime | None = None
+
+
+def init(settings: Settings) -> Runtime:
+    global _runtime
+    _runtime = Runtime.create(settings)
+    return _runtime
+
+
+def current() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("the worker process was not initialised (worker_process_init did not run)")
+    return _runtime
