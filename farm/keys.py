@@ -96,8 +96,15 @@ def running(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:running"
 
 
+def deliveries(job_id: str) -> str:
+    """Hash: chunk number -> how many times a worker started it. Above 1 means the
+    chunk was redelivered (a worker died, or the broker restarted)."""
+    return f"{PREFIX}:job:{job_id}:deliveries"
+
+
 def job_keys(job_id: str) -> list[str]:
-    return [job_hash(job_id), done_bits(job_id), failed_bits(job_id), failures(job_id), running(job_id)]
+    return [job_hash(job_id), done_bits(job_id), failed_bits(job_id), failures(job_id), running(job_id),
+            deliveries(job_id)]
 
 
 #: How long a finished job's state stays in Redis. Its images, records and

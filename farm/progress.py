@@ -114,6 +114,7 @@ class JobBoard:
         with self.redis.pipeline() as pipe:
             pipe.hsetnx(keys.job_hash(job_id), "started", now)
             pipe.hset(keys.running(job_id), chunk, json.dumps({"worker": worker, "items": items, "since": now}))
+            pipe.hincrby(keys.deliveries(job_id), chunk, 1)
             pipe.execute()
         self._promote(job_id)
 
@@ -148,6 +149,10 @@ class JobBoard:
             keys=[keys.job_hash(job_id), bits, other_bits], args=[counter, other, time.time(), *indexes]
         )
         return bool(completed)
+
+    def deliveries(self, job_id: str) -> dict[int, int]:
+        """How many times each started chunk was started."""
+        return {int(k): int(v) for k, v in self.redis.hgetall(keys.deliveries(job_id)).items()}
 
     def is_done(self, job_id: str, index: int) -> bool:
         return bool(self.redis.getbit(keys.done_bits(job_id), index))

@@ -34,7 +34,7 @@ class Settings:
     #: Seconds a delivered message may go without its lease renewed before the
     #: broker hands it to another worker. Short, so a dead worker's chunk comes
     #: back fast; a live worker renews it every third of this while it renders.
-    visibility_timeout: float = 20.0
+    visibility_timeout: float = 15.0
     #: Queue that render tasks go to.
     queue: str = "farm.render"
 

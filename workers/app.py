@@ -10,35 +10,42 @@ import logging
 import socket
 import time
 
+import redis
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from farm import keys
 from farm.celery_app import make_celery
 from farm.settings import Settings
 from workers import runtime
+from workers.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
 settings = Settings.from_env()
 app = make_celery(settings)
 
+
 @worker_process_init.connect
 def _init_process(**_) -> None:
     runtime.init(settings)
 
 
+_lease: LeaseKeeper | None = None
+
+
 @worker_ready.connect
 def _announce(sender=None, **_) -> None:
-    import redis
-
+    global _lease
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5)
+    _lease = LeaseKeeper(client, settings.lease_renew_interval).start()
     info = {"host": socket.gethostname(), "since": time.time(), "queue": settings.queue}
-    redis.Redis.from_url(settings.broker_url).hset(keys.WORKERS, sender.hostname, json.dumps(info))
+    client.hset(keys.WORKERS, sender.hostname, json.dumps(info))
 
 
 @worker_shutdown.connect
 def _retire(sender=None, **_) -> None:
-    import redis
-
+    if _lease:
+        _lease.stop()
     try:
         redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2).hdel(keys.WORKERS, sender.hostname)
     except redis.RedisError:
@@ -47,11 +54,7 @@ def _retire(sender=None, **_) -> None:
 
 @app.task(name=keys.RENDER_TASK, bind=True)
 def render_chunk(self, **message) -> int:
-    from workers.lease import LeaseKeeper
     from workers.tasks import run_chunk
 
-    rt = runtime.current()
-    tag = (self.request.delivery_info or {}).get("delivery_tag")
-    with LeaseKeeper(rt.redis, tag, settings.lease_renew_interval):
-        outputs = run_chunk(rt, message, worker=self.request.hostname or socket.gethostname())
+    outputs = run_chunk(runtime.current(), message, worker=self.request.hostname or socket.gethostname())
     return len(outputs)

@@ -1,54 +1,70 @@
-"""Keep the lease of the message being rendered, so a long chunk is never delivered twice.
+"""Keep the leases of the messages a worker holds, so a long chunk is never delivered twice.
 
 kombu's Redis transport records each delivered, unacked message in the sorted set
 `unacked_index`, scored by delivery time; any consumer re-queues entries older than
-the visibility timeout. While a chunk renders, this thread moves its score to now,
-every third of the timeout. If the worker's parent process dies, the thread stops
-renewing, and the message comes back to the queue one timeout later.
+the visibility timeout. This thread runs in the Celery parent process, which holds
+the messages (the forked child that renders never sees their delivery tags), and
+moves the score of every message it holds to now, every third of the timeout.
+When the worker dies, the renewals stop, and its messages come back to the queue
+one timeout later.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
 import redis
+from celery.worker import state
 
 log = logging.getLogger(__name__)
 
 UNACKED_INDEX = "unacked_index"
 
 
-class LeaseKeeper:
-    def __init__(self, client: redis.Redis, delivery_tag: str | None, interval: float):
-        self.client = client
-        self.tag = delivery_tag
-        self.interval = interval
-        self._stop = threading.Event()
-        self._parent = os.getppid()
-        self._thread = threading.Thread(target=self._run, name="farm-lease", daemon=True)
-        self.renewals = 0
+def held_delivery_tags() -> list[str]:
+    """Delivery tags of the messages this worker process has reserved or is running."""
+    for _ in range(3):
+        try:
+            requests = list(state.reserved_requests) + list(state.active_requests)
+            break
+        except RuntimeError:  # the sets changed while we copied them
+            continue
+    else:
+        return []
+    tags = {getattr(getattr(r, "message", None), "delivery_tag", None) for r in requests}
+    return [t for t in tags if t]
 
-    def __enter__(self) -> "LeaseKeeper":
-        if self.tag:
-            self._thread.start()
+
+class LeaseKeeper:
+    def __init__(self, client: redis.Redis, interval: float):
+        self.client = client
+        self.interval = interval
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="farm-lease", daemon=True)
+
+    def start(self) -> "LeaseKeeper":
+        self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+
+    def renew(self) -> int:
+        tags = held_delivery_tags()
+        if not tags:
+            return 0
+        now = time.time()
+        # XX: only move entries still there; once acked or restored they stay gone.
+        self.client.zadd(UNACKED_INDEX, {tag: now for tag in tags}, xx=True)
+        self.renewals += len(tags)
+        return len(tags)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if os.getppid() != self._parent:
-                log.warning("worker parent died; no longer renewing the lease of %s", self.tag)
-                return
             try:
-                # XX: only move an entry that is still there; once acked or restored it stays gone.
-                self.client.zadd(UNACKED_INDEX, {self.tag: time.time()}, xx=True)
-                self.renewals += 1
+                self.renew()
             except redis.RedisError as e:
-                log.warning("could not renew the lease of %s: %s", self.tag, e)
+                log.warning("could not renew message leases: %s", e)

@@ -92,7 +92,7 @@ class ModelCache:
         started = time.perf_counter()
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                path, torch_dtype=self.dtype, local_files_only=True, use_safetensors=True,
+                path, dtype=self.dtype, local_files_only=True, use_safetensors=True,
                 safety_checker=None, requires_safety_checker=False,
             )
         except (OSError, ValueError, EnvironmentError) as e:

@@ -1,0 +1,217 @@
+"""Real services for the tests: one redis-server and one SeaweedFS S3 server per session.
+
+Each test gets a flushed Redis database and its own bucket. Worker processes are
+real Celery workers started as separate processes; readiness is waited for by
+their announcement in Redis, never by a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+
+from farm.embedded import RedisServer, free_port, wait_until
+from farm.settings import Settings
+from workers.supervisor import Slot, worker_command
+
+ROOT = Path(__file__).resolve().parent.parent
+S3_ACCESS_KEY = "farm-test-key"
+S3_SECRET_KEY = "farm-test-secret-Z3q9"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+class SeaweedS3:
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "SeaweedS3":
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        config = self.dir / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "farm", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        self.log = open(self.dir / "weed.log", "wb")
+        self.process = subprocess.Popen(
+            [weed, "mini", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-s3.port={self.port}", f"-s3.config={config}", "-admin.ui=false"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        client = self.client()
+
+        def up():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited; see {self.dir / 'weed.log'}")
+            try:
+                client.list_buckets()
+                return True
+            except Exception:
+                return False
+
+        wait_until(up, 90, "SeaweedFS S3 to answer", interval=0.2)
+        return self
+
+    def client(self, secret: str = S3_SECRET_KEY):
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_ACCESS_KEY,
+                            aws_secret_access_key=secret, region_name="us-east-1",
+                            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10))
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """boto3's own variables pointing at the test server, as a user would set them."""
+    env = {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server.endpoint}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
+def bucket(s3_server, s3_env) -> str:
+    name = f"farm-test-{os.getpid()}-{next(_buckets)}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Built-in models built once per session, so workers start in the same time every test."""
+    from workers.tiny import BUILTIN_MODELS, builtin_model_dir
+
+    path = tmp_path_factory.mktemp("farm-cache")
+    for name in BUILTIN_MODELS:
+        builtin_model_dir(name, path)
+    return path
+
+
+class WorkerProcs:
+    """Real Celery worker processes, each in its own process group so a test can kill one whole."""
+
+    def __init__(self, settings: Settings, env: dict, log_dir: Path):
+        self.settings = settings
+        self.env = env
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, count: int = 1, timeout: float = 120) -> list[str]:
+        names = []
+        for _ in range(count):
+            name = f"w{len(self.procs)}@test"
+            log = open(self.log_dir / f"{name}.log", "ab")
+            cmd = worker_command(Slot(None, name), self.settings.queue, "INFO")
+            self.procs[name] = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+            names.append(name)
+        client = redis.Redis.from_url(self.settings.broker_url)
+        wait_until(lambda: all(client.hexists("farm:workers", n) for n in names), timeout, "workers to be ready", 0.1)
+        return names
+
+    def kill(self, name: str, sig=signal.SIGKILL) -> None:
+        os.killpg(self.procs[name].pid, sig)
+        self.procs[name].wait(timeout=60)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in self.log_dir.glob("*.log"))
+
+
+@pytest.fixture
+def farm_settings(redis_url, cache_dir, bucket, s3_env) -> Settings:
+    return Settings.from_env().with_overrides(
+        broker_url=redis_url, store=f"s3://{bucket}/renders", cache_dir=cache_dir, device="cpu"
+    )
+
+
+@pytest.fixture
+def workers_factory(tmp_path, s3_env):
+    made = []
+
+    def make(settings: Settings) -> WorkerProcs:
+        env = {**os.environ, **s3_env, **settings.to_env(), "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+        procs = WorkerProcs(settings, env, tmp_path)
+        made.append(procs)
+        return procs
+
+    yield make
+    for procs in made:
+        procs.stop_all()
+
+
+def run_farm(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path | None = None):
+    """The `farm` command, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "farm.cli", *args], env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
+
+
+def wait_job(board, job_id: str, timeout: float = 240):
+    from dispatcher.follow import follow
+
+    return follow(board, job_id, timeout=timeout)
+
+
+def elapsed(start: float) -> float:
+    return time.monotonic() - start

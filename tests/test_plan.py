@@ -1,0 +1,62 @@
+import time
+import tracemalloc
+
+from farm.plan import Plan
+from farm.spec import parse_spec
+
+
+def spec(**changes):
+    base = {"prompts": ["p0", "p1"], "seeds": {"start": 10, "count": 3}, "width": 64, "height": 64,
+            "grid": {"cfg_scale": [4.0, 7.0]}, "batch_size": 4}
+    return parse_spec({**base, **changes})
+
+
+def test_items_follow_grid_then_prompt_then_seed_order():
+    plan = Plan(spec(), "job-1")
+    items = [plan.item(i) for i in range(plan.item_count)]
+    assert [(i.cfg_scale, i.prompt, i.seed) for i in items[:4]] == [
+        (4.0, "p0", 10), (4.0, "p0", 11), (4.0, "p0", 12), (4.0, "p1", 10)]
+    assert items[6].cfg_scale == 7.0 and items[6].seed == 10
+    assert [i.index for i in items] == list(range(12))
+
+
+def test_chunks_cover_every_item_once_and_never_cross_a_grid_cell():
+    plan = Plan(spec(), "job-1")
+    chunks = list(plan.chunks())
+    indexes = [item.index for c in chunks for item in c.items]
+    assert indexes == list(range(plan.item_count))
+    for chunk in chunks:
+        assert len({item.cfg_scale for item in chunk.items}) == 1
+        assert 1 <= chunk.batch_size <= 4
+        for item in chunk.items:
+            assert plan.chunk_of(item.index) == chunk.number
+    # 6 items per cell at batch 4: 4 + 2, twice.
+    assert [c.batch_size for c in chunks] == [4, 2, 4, 2]
+
+
+def test_plan_is_a_pure_function_of_the_spec():
+    a, b = Plan(spec(), "job-1"), Plan(spec(), "job-1")
+    assert list(a.chunks()) == list(b.chunks())
+
+
+def test_sampler_axis_resolves_combined_names_per_item():
+    plan = Plan(spec(grid={"sampler": ["Euler a", "DPM++ 2M Karras", "DPM++ 2M"]}), "j")
+    cells = [plan.item(i * 6) for i in range(3)]
+    assert [(c.sampler, c.schedule_type) for c in cells] == [
+        ("Euler a", "Automatic"), ("DPM++ 2M", "Karras"), ("DPM++ 2M", "Karras")]
+
+
+def test_a_million_item_job_is_expanded_lazily():
+    big = spec(seeds={"start": 0, "count": 250_000}, prompts=["a", "b"], grid={"steps": [10, 20]})
+    tracemalloc.start()
+    started = time.perf_counter()
+    plan = Plan(big, "huge")
+    last = plan.item(plan.item_count - 1)
+    chunk = plan.chunk(plan.chunk_count - 1)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert plan.item_count == 1_000_000
+    assert (last.steps, last.prompt, last.seed) == (20, "b", 249_999)
+    assert chunk.items[-1].index == 999_999
+    assert peak < 1_000_000  # bytes: nothing proportional to the item count was built
+    assert time.perf_counter() - started < 5

@@ -1,0 +1,41 @@
+from farm.progress import JobBoard, JobState
+
+
+def test_counts_are_exact_under_redelivery_and_completion_fires_once(redis_client):
+    board = JobBoard(redis_client)
+    board.create("job-a", total=6, chunks=2, store_url="/tmp/x", user="ann")
+    board.mark_running("job-a", 0, "w1", 3)
+    assert board.status("job-a").state is JobState.RUNNING
+    assert board.mark_done("job-a", [0, 1, 2]) is False
+    assert board.mark_done("job-a", [0, 1, 2]) is False  # redelivered chunk: no double count
+    assert board.status("job-a").done == 3
+    assert board.mark_failed("job-a", {3: "corrupt init image"}) is False
+    assert board.mark_done("job-a", [3, 4]) is False  # a retry elsewhere succeeded
+    status = board.status("job-a")
+    assert (status.done, status.failed) == (5, 0)
+    assert board.mark_done("job-a", [5]) is True
+    assert board.mark_done("job-a", [5]) is False
+    assert board.finish("job-a") is JobState.DONE
+
+
+def test_failures_are_listed_with_reasons_and_end_the_job(redis_client):
+    board = JobBoard(redis_client)
+    board.create("job-b", total=2, chunks=1, store_url="/tmp/x", user="ann")
+    board.mark_done("job-b", [0])
+    assert board.mark_failed("job-b", {1: "model 'x' not found"}) is True
+    assert board.finish("job-b") is JobState.DONE_WITH_FAILURES
+    status = board.status("job-b")
+    assert status.failures == {1: "model 'x' not found"} and status.queued == 0
+
+
+def test_running_and_queued_counts(redis_client):
+    board = JobBoard(redis_client)
+    board.create("job-c", total=10, chunks=3, store_url="/tmp/x", user="ann")
+    board.mark_running("job-c", 0, "w1", 4)
+    board.mark_running("job-c", 1, "w2", 4)
+    board.mark_done("job-c", [0, 1, 2, 3])
+    board.clear_running("job-c", 0)
+    status = board.status("job-c")
+    assert (status.running, status.done, status.queued) == (4, 4, 2)
+    assert status.workers == ["w2"]
+    assert board.deliveries("job-c") == {0: 1, 1: 1}
