@@ -131,7 +131,7 @@ def run(
                     stop_workers(workers)
         job_dir = out_dir / submitted.job_id
         _write_contact_sheet(job_dir, job.seed_count)
-        out.print(str(job_dir))
+        typer.echo(str(job_dir))
         raise typer.Exit(_finish_code(status))
 
 
@@ -168,7 +168,7 @@ def submit(
             raise ValueError("no broker: set FARM_BROKER_URL or pass --broker")
         job = load_spec(spec)
         submitted = do_submit(job, settings, user=user)
-        out.print(submitted.job_id)
+        typer.echo(submitted.job_id)
         if wait:
             status = _follow_with_bar(JobBoard.from_url(settings.broker_url), submitted.job_id, submitted.items)
             raise typer.Exit(_finish_code(status))

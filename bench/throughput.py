@@ -1,0 +1,96 @@
+"""Images per second: the farm (real Redis, one worker process, local store) against a
+plain loop that calls the same diffusers pipeline once per image and saves PNGs.
+
+Both sides render the same items (prompts, seeds, size, steps, sampler) with the same
+model, warm, in the same run. Prints both throughputs and their ratio.
+
+    python -m bench.throughput --images 32 --size 64 --steps 20 --batch-size 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from dispatcher.follow import follow
+from dispatcher.submit import submit
+from farm.embedded import RedisServer, start_workers, stop_workers, wait_for_workers
+from farm.plan import Plan
+from farm.progress import JobBoard
+from farm.settings import Settings
+from farm.spec import parse_spec
+
+
+def make_spec(images: int, size: int, steps: int, batch_size: int, seed_start: int = 1):
+    return parse_spec({"prompts": ["a red circle", "a blue square"],
+                       "seeds": {"start": seed_start, "count": max(1, images // 2)},
+                       "width": size, "height": size, "steps": steps, "sampler": "Euler a", "batch_size": batch_size})
+
+
+def plain_loop(spec, cache_dir: Path, out: Path) -> float:
+    import torch
+
+    from farm import png
+    from workers.models import ModelCache
+    from workers.render import txt2img
+    from workers.tasks import parameters_text
+
+    model = ModelCache(cache_dir, torch.device("cpu"), torch.float32).get("tiny-sd")
+    plan = Plan(spec, "loop")
+    items = [plan.item(i) for i in range(plan.item_count)]
+    txt2img(model, items[:1])  # warm up
+    started = time.perf_counter()
+    for item in items:
+        image = txt2img(model, [item])[0]
+        (out / f"{item.index:06d}.png").write_bytes(png.encode(image, parameters_text(item, model.name, model.hash)))
+    return plan.item_count / (time.perf_counter() - started)
+
+
+def through_farm(spec, cache_dir: Path, out: Path) -> float:
+    with RedisServer(out / "redis") as server:
+        settings = Settings.from_env().with_overrides(broker_url=server.url, store=str(out / "store"),
+                                                      cache_dir=cache_dir, device="cpu")
+        log = open(out / "workers.log", "wb")
+        workers = start_workers(settings, gpus="none", name="bench", log=log)
+        try:
+            wait_for_workers(settings.broker_url, 1)
+            board = JobBoard.from_url(settings.broker_url)
+            warm = make_spec(1, spec.width, spec.steps, 1, seed_start=10_000)
+            follow(board, submit(warm, settings).job_id)  # loads the model in the worker
+            started = time.perf_counter()
+            job = submit(spec, settings)
+            status = follow(board, job.job_id, interval=0.02)
+            elapsed = time.perf_counter() - started
+            assert status.done == job.items, status
+        finally:
+            stop_workers(workers)
+    return job.items / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=1, help="the farm's batch size (the loop always uses 1)")
+    args = parser.parse_args()
+    from workers.tiny import TINY_SD, builtin_model_dir
+
+    with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
+        tmp = Path(tmp)
+        cache = tmp / "cache"
+        builtin_model_dir(TINY_SD, cache)
+        spec = make_spec(args.images, args.size, args.steps, args.batch_size)
+        (tmp / "loop").mkdir()
+        loop = plain_loop(spec, cache, tmp / "loop")
+        farm = through_farm(spec, cache, tmp)
+    print(f"{spec.item_count} images, {args.size}x{args.size}, {args.steps} steps, farm batch size {args.batch_size}")
+    print(f"plain loop: {loop:8.2f} images/s")
+    print(f"farm:       {farm:8.2f} images/s")
+    print(f"ratio farm/loop: {farm / loop:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

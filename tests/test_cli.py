@@ -1,0 +1,113 @@
+"""The farm command as a new user meets it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from PIL import Image
+
+from farm.embedded import wait_until
+from tests.conftest import ROOT, run_farm
+
+VERBS = ["run", "submit", "status", "results", "worker", "info"]
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb):
+    result = run_farm(verb, "--help")
+    assert result.returncode == 0
+    assert "Usage" in result.stdout
+
+
+@pytest.mark.e2e
+def test_quickstart_runs_on_a_fresh_machine_with_no_services(tmp_path, cache_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FARM_", "AWS_"))}
+    env["FARM_CACHE_DIR"] = str(cache_dir)
+    result = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(ROOT / "examples/quickstart.toml"),
+                             "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    job_dir = tmp_path / "out" / result.stdout.strip().splitlines()[-1].split("/")[-1]
+    images = sorted((job_dir / "images").glob("*.png"))
+    assert len(images) == 12
+    rows = [json.loads(line) for line in (job_dir / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {r["key"].split("/")[-1] for r in rows} == {p.name for p in images}
+    assert json.loads((job_dir / "job.json").read_text())["items"] == 12
+    assert Image.open(job_dir / "grid.png").size == (3 * 64, 4 * (64 + 14))
+    assert "12/12" in result.stderr
+
+    info = run_farm("info", str(images[0]))
+    assert info.returncode == 0
+    parsed = json.loads(info.stdout)
+    assert parsed["Prompt"] == "a red circle" and parsed["Sampler"] == "Euler a" and parsed["Seed"] == "1"
+
+
+def test_status_of_unknown_job_exits_4(redis_url):
+    result = run_farm("status", "job-nope", "--broker", redis_url)
+    assert result.returncode == 4
+    assert "no job 'job-nope'" in result.stderr
+
+
+def test_submit_without_a_broker_names_the_setting(tmp_path):
+    (tmp_path / "ok.toml").write_text('prompts = ["x"]\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    result = subprocess.run([sys.executable, "-m", "farm.cli", "submit", str(tmp_path / "ok.toml")], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "FARM_BROKER_URL" in result.stderr
+
+
+def test_info_on_a_png_without_parameters(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    result = run_farm("info", str(tmp_path / "plain.png"))
+    assert result.returncode == 2 and "has no 'parameters' text" in result.stderr
+
+
+@pytest.mark.e2e
+def test_worker_starts_one_process_per_listed_gpu_and_stops_on_sigterm(redis_url, cache_dir, tmp_path):
+    env = {**os.environ, "FARM_BROKER_URL": redis_url, "FARM_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "worker", "--gpus", "0,1", "--name", "gpuhost"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        wait_until(lambda: client.hlen("farm:workers") == 2, 120, "two workers", 0.1)
+        assert sorted(k.decode() for k in client.hkeys("farm:workers")) == ["farm-gpu0@gpuhost", "farm-gpu1@gpuhost"]
+        assert _visible_devices("farm-gpu0@gpuhost") == "0"
+        assert _visible_devices("farm-gpu1@gpuhost") == "1"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert client.hlen("farm:workers") == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _visible_devices(worker_name: str) -> str | None:
+    """CUDA_VISIBLE_DEVICES of the Celery worker process of that name, read from /proc."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"celery" in b" ".join(args) and worker_name.encode() in args:
+                env = dict(v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
+                return env.get(b"CUDA_VISIBLE_DEVICES", b"").decode()
+        except OSError:
+            continue
+    return None
+
+
+def test_gpu_selection_without_gpus(monkeypatch):
+    from workers.supervisor import parse_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert parse_gpus("all") == ["2", "3"]
+    assert parse_gpus("0,1") == ["0", "1"]
+    assert parse_gpus("none") == [None]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert parse_gpus("all") == [None]
+    with pytest.raises(ValueError, match="--gpus"):
+        parse_gpus(",")
