@@ -130,12 +130,13 @@ def run(
                 finally:
                     stop_workers(workers)
         job_dir = out_dir / submitted.job_id
-        _write_contact_sheet(job_dir, job.seed_count)
+        _write_contact_sheet(job_dir)
         typer.echo(str(job_dir))
         raise typer.Exit(_finish_code(status))
 
 
-def _write_contact_sheet(job_dir: Path, columns: int) -> None:
+def _write_contact_sheet(job_dir: Path) -> None:
+    """grid.png beside the images: seeds across; prompts, then grid cells, down."""
     from farm.contact import contact_sheet
 
     manifest_path = job_dir / "manifest.jsonl"
@@ -144,9 +145,13 @@ def _write_contact_sheet(job_dir: Path, columns: int) -> None:
     rows = [json.loads(line) for line in manifest_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
+    spec = json.loads((job_dir / "job.json").read_text())["spec"]
+    seeds = spec["seeds"]
+    columns = min(seeds["count"] if isinstance(seeds, dict) else len(seeds), len(rows))
+    axes = list(spec.get("grid", {}))
+    labels = [" | ".join([r["prompt"], *(f"{a} {r.get(a)}" for a in axes)]) for r in rows[::columns]]
     images = [(job_dir.parent / r["key"]).read_bytes() for r in rows]
-    labels = [r["prompt"] for r in rows[::columns]]
-    contact_sheet(images, columns=min(columns, len(images)), row_labels=labels).save(job_dir / "grid.png")
+    contact_sheet(images, columns=columns, row_labels=labels).save(job_dir / "grid.png")
     console.print(f"contact sheet: {job_dir / 'grid.png'}", highlight=False)
 
 
@@ -244,9 +249,7 @@ def results(
             task = bar.add_task("downloading", total=None, detail="")
             files = download(source, job_id, out_dir, on_file=lambda _k: bar.advance(task))
         images = sum(1 for f in files if "/images/" in f)
-        spec = json.loads((out_dir / keys.job_json(job_id)).read_text())["spec"]
-        seeds = spec["seeds"]["count"] if isinstance(spec["seeds"], dict) else len(spec["seeds"])
-        _write_contact_sheet(out_dir / job_id, seeds)
+        _write_contact_sheet(out_dir / job_id)
         out.print(f"{images} images in {out_dir / job_id}", highlight=False)
 
 

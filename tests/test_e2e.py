@@ -12,6 +12,7 @@ from PIL import Image
 from farm import infotext, png
 from farm.progress import JobBoard
 from tests.conftest import S3_SECRET_KEY, run_farm
+from tests.test_spec import BAD
 
 pytestmark = pytest.mark.e2e
 
@@ -118,22 +119,20 @@ def test_item_already_stored_is_skipped_not_rendered_again(farm_settings, worker
     assert chunk_message(plan.chunk(0), "s")["items"][0]["seed"] == 7
 
 
-BAD_SPECS = {
-    "steps: must be 1-150, got 0": 'prompts = ["x"]\nsteps = 0\n',
-    "width: must be a multiple of 8, got 100": 'prompts = ["x"]\nwidth = 100\n',
-    "colour: unknown key": 'prompts = ["x"]\ncolour = "red"\n',
-    "sampler: unknown sampler": 'prompts = ["x"]\nsampler = "Euler b"\n',
-    "spec: is not valid TOML": 'prompts = ["x"\n',
-}
+@pytest.mark.parametrize("expected, data", BAD, ids=[e.split(":")[0] + "-" + str(i) for i, (e, _) in enumerate(BAD)])
+def test_bad_spec_is_refused_before_anything_is_queued(farm_settings, s3_env, tmp_path, redis_client, s3_server,
+                                                       bucket, expected, data, monkeypatch):
+    from typer.testing import CliRunner
 
+    from farm.cli import app
 
-@pytest.mark.parametrize("reason", list(BAD_SPECS))
-def test_bad_spec_is_refused_before_anything_is_queued(farm_settings, s3_env, tmp_path, redis_client, reason, s3_server, bucket):
-    spec_path = tmp_path / "bad.toml"
-    spec_path.write_text(BAD_SPECS[reason])
-    result = run_farm("submit", str(spec_path), env=_env(farm_settings, s3_env))
-    assert result.returncode == 2
-    assert reason in result.stderr
+    spec_path = tmp_path / "bad.json"
+    spec_path.write_text(json.dumps(data))
+    for name, value in _env(farm_settings, s3_env).items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["submit", str(spec_path)])
+    assert result.exit_code == 2
+    assert expected in " ".join(result.output.split())
     assert redis_client.llen(farm_settings.queue) == 0
     assert redis_client.keys("farm:job*") == []
     assert _objects(s3_server, bucket, "") == {}
