@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from kombu.exceptions import OperationalError
 
+from dispatcher.inputs import upload_inputs
 from farm import __version__, keys
 from farm.celery_app import make_celery
 from farm.errors import BrokerUnavailable
@@ -46,13 +47,14 @@ def submit(spec: JobSpec, settings: Settings, user: str | None = None, store: St
         raise ValueError("no store: set FARM_STORE (s3://bucket/prefix or a folder) or pass --store")
     store = store or open_store(settings.store, settings)
     job_id = keys.new_job_id(spec.name)
-    plan = Plan(spec, job_id)
 
     # 2. Check every service before anything is written or queued.
     check_writable(store)
     app = make_celery(settings)
     board = JobBoard.from_url(settings.broker_url)
     _check_broker(app)
+    spec = upload_inputs(spec, store, job_id)
+    plan = Plan(spec, job_id)
 
     # 3. Write the job, then its state, then queue its chunks.
     job = {

@@ -38,6 +38,11 @@ def image(job_id: str, index: int, seed: int) -> str:
     return f"{check_job_id(job_id)}/images/{index:06d}-{seed}.png"
 
 
+def job_input(job_id: str, digest: str, suffix: str) -> str:
+    """An init image or mask uploaded at submission, named by its content's sha256."""
+    return f"{check_job_id(job_id)}/inputs/{digest}{suffix}"
+
+
 def record(job_id: str, index: int) -> str:
     """One item's manifest row, written after its image; S3 has no append."""
     return f"{check_job_id(job_id)}/records/{index:06d}.json"

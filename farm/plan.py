@@ -33,12 +33,30 @@ class Item:
     cfg_scale: float
     width: int
     height: int
+    clip_skip: int = 1
+    variation_seed: int | None = None
+    variation_strength: float = 0.0
+    resize_seed_from: tuple[int, int] | None = None
+    #: Store keys (`store:<key>`) of the init image and mask, for img2img and inpaint.
+    init_image: str | None = None
+    mask: str | None = None
+    denoising_strength: float | None = None
+    fix_steps: bool = False
+    resize_mode: int = 0
+    mask_blur: int = 0
+    masked_content: str | None = None
+    inpaint_area: str | None = None
+    padding: int = 0
+    invert_mask: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Item":
+        data = dict(data)
+        if data.get("resize_seed_from") is not None:
+            data["resize_seed_from"] = tuple(data["resize_seed_from"])
         return cls(**data)
 
     def params_digest(self) -> str:
@@ -64,6 +82,8 @@ class Plan:
         self.spec = spec
         self.job_id = job_id
         self.axes = list(spec.grid.items())
+        if spec.init_images:
+            self.axes.append(("init_image", spec.init_images))
         self.cell_size = len(spec.prompts) * spec.seed_count
         self.cells = 1
         for _, values in self.axes:
@@ -88,19 +108,37 @@ class Plan:
         sampler, schedule = samplers.resolve(
             values.get("sampler", spec.sampler), values.get("schedule_type", spec.schedule_type)
         )
+        value = lambda name: values.get(name, getattr(spec, name))  # noqa: E731
+        image_mode = spec.mode != "txt2img"
+        inpaint = spec.mode == "inpaint"
+        strength = float(value("variation_strength"))
         return Item(
             index=index,
             prompt=spec.prompts[prompt_pos],
-            negative_prompt=values.get("negative_prompt", spec.negative_prompt),
+            negative_prompt=value("negative_prompt"),
             seed=spec.seed_at(seed_pos),
-            model=values.get("model", spec.model),
+            model=value("model"),
             mode=spec.mode,
             sampler=sampler.name,
             schedule_type=schedule.value,
-            steps=values.get("steps", spec.steps),
-            cfg_scale=float(values.get("cfg_scale", spec.cfg_scale)),
-            width=values.get("width", spec.width),
-            height=values.get("height", spec.height),
+            steps=value("steps"),
+            cfg_scale=float(value("cfg_scale")),
+            width=value("width"),
+            height=value("height"),
+            clip_skip=value("clip_skip"),
+            variation_seed=value("variation_seed") if strength > 0 else None,
+            variation_strength=strength,
+            resize_seed_from=tuple(spec.resize_seed_from) if spec.resize_seed_from else None,
+            init_image=value("init_image") if image_mode else None,
+            mask=spec.mask if inpaint else None,
+            denoising_strength=float(value("denoising_strength")) if image_mode else None,
+            fix_steps=spec.fix_steps if image_mode else False,
+            resize_mode=spec.resize_mode if image_mode else 0,
+            mask_blur=value("mask_blur") if inpaint else 0,
+            masked_content=value("masked_content") if inpaint else None,
+            inpaint_area=spec.inpaint_area if inpaint else None,
+            padding=spec.padding if inpaint else 0,
+            invert_mask=spec.invert_mask if inpaint else False,
         )
 
     def _cell_values(self, cell: int) -> dict:

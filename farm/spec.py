@@ -30,14 +30,27 @@ from pydantic import (
 from farm import samplers
 from farm.errors import SpecError
 
-BUILTIN_MODELS = ("tiny-sd",)
+BUILTIN_MODELS = ("tiny-sd", "tiny-sd-inpaint")
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 MAX_PROMPT_CHARS = 10_000
 MAX_ITEMS = 10_000_000
 #: Largest seed the webui draws; -1 asks for a random one.
 MAX_SEED = 4294967294
-#: Axes a [grid] may sweep. Seeds and prompts are axes of their own.
-GRID_AXES = ("model", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule_type", "width", "height")
+MAX_IMAGE_SIDE = 4096
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+#: An init image or mask given as a key in the job's store rather than a local path.
+STORE_PREFIX = "store:"
+#: Axes a [grid] may sweep. Seeds, prompts and a list of init images are axes of their own.
+GRID_AXES = ("model", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule_type", "width", "height",
+             "denoising_strength", "mask_blur", "masked_content", "clip_skip", "variation_seed", "variation_strength")
+IMAGE_MODES = ("img2img", "inpaint")
+#: The webui's resize modes, by index.
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+#: Fields that mean something only with an init image, and those only for inpaint.
+_IMAGE_FIELDS = ("init_image", "denoising_strength", "fix_steps", "resize_mode")
+_INPAINT_FIELDS = ("mask", "mask_blur", "masked_content", "inpaint_area", "padding", "invert_mask")
+_TXT2IMG_ONLY = ("variation_seed", "variation_strength", "resize_seed_from")
 
 
 def _range(lo: int, hi: int):
@@ -99,6 +112,33 @@ def _schedule_name(value: str) -> str:
 def _model(value: str) -> str:
     if not value:
         raise ValueError("must name a built-in model or a local model folder/file")
+    if value.lower().endswith(PICKLE_SUFFIXES):
+        raise ValueError(
+            f"{Path(value).name} is a pickle checkpoint, which can run code when loaded; "
+            "farm loads .safetensors files and diffusers folders only"
+        )
+    return value
+
+
+#: Checkpoint formats that are Python pickles; refused before a byte of them is read.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def _resize_mode(value: int | str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"must be 0-2 or one of {', '.join(RESIZE_MODES)}, got {value!r}")
+    if isinstance(value, int) and 0 <= value < len(RESIZE_MODES):
+        return value
+    if isinstance(value, str) and value.lower() in RESIZE_MODES:
+        return RESIZE_MODES.index(value.lower())
+    if value in (3, "latent upscale"):
+        raise ValueError("latent upscale (3) is not supported yet; use 0-2")
+    raise ValueError(f"must be 0-2 or one of {', '.join(RESIZE_MODES)}, got {value!r}")
+
+
+def _nonempty_text(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"must be {what}, got an empty string")
     return value
 
 
@@ -112,6 +152,12 @@ def _job_name(value: str) -> str:
 
 
 Steps = Annotated[int, _range(1, 150)]
+Strength = Annotated[float, _range(0, 1)]
+MaskBlur = Annotated[int, _range(0, 64)]
+ClipSkip = Annotated[int, _range(1, 12)]
+ResizeMode = Annotated[Union[int, str], AfterValidator(_resize_mode)]
+MaskedContent = Literal["fill", "original", "latent noise", "latent nothing"]
+ImageRef = Annotated[str, AfterValidator(lambda v: _nonempty_text(v, "a path or a store: key"))]
 CfgScale = Annotated[float, _range(1, 30)]
 Side = Annotated[int, _range(64, 2048), AfterValidator(_multiple_of_8)]
 Seed = Annotated[int, AfterValidator(_seed)]
@@ -148,7 +194,7 @@ class JobSpec(BaseModel):
     model_config = _STRICT
 
     name: Annotated[str, AfterValidator(_job_name)] | None = None
-    mode: Literal["txt2img"] = "txt2img"
+    mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
     model: ModelRef = "tiny-sd"
     prompts: Annotated[list[Prompt], AfterValidator(_not_empty("prompt")), Field(max_length=MAX_ITEMS)]
     negative_prompt: Prompt = ""
@@ -162,12 +208,31 @@ class JobSpec(BaseModel):
     #: Images rendered in one forward pass. Part of the job, not of the worker,
     #: because the batch an image is drawn in changes its bytes by rounding.
     batch_size: Annotated[int, _range(1, 64)] = 4
+    clip_skip: ClipSkip = 1
+    # Seeds beyond the plain seed, as the webui's "Extra" seed options (txt2img).
+    variation_seed: Seed | None = None
+    variation_strength: Strength = 0.0
+    resize_seed_from: Annotated[list[Side], Field(min_length=2, max_length=2)] | None = None
+    # img2img and inpaint.
+    init_image: ImageRef | Annotated[list[ImageRef], AfterValidator(_not_empty("image"))] | None = None
+    denoising_strength: Strength = 0.75
+    #: Take exactly `steps` denoising steps, as the webui's "img2img_fix_steps" option does.
+    fix_steps: bool = False
+    resize_mode: ResizeMode = 0
+    # inpaint.
+    mask: ImageRef | None = None
+    mask_blur: MaskBlur = 4
+    masked_content: MaskedContent = "original"
+    inpaint_area: Literal["whole", "only masked"] = "whole"
+    padding: Annotated[int, _range(0, 256)] = 32
+    invert_mask: bool = False
     grid: dict[str, list[Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_whole(self) -> "JobSpec":
         problems = list(_grid_problems(self.grid))
         problems += _sampler_problems(self)
+        problems += _mode_problems(self)
         if not problems and self.item_count > MAX_ITEMS:
             problems.append(("grid", f"the job expands to {self.item_count} images; at most {MAX_ITEMS}"))
         if problems:
@@ -175,12 +240,18 @@ class JobSpec(BaseModel):
         return self
 
     @property
+    def init_images(self) -> list[str]:
+        if self.init_image is None:
+            return []
+        return [self.init_image] if isinstance(self.init_image, str) else list(self.init_image)
+
+    @property
     def seed_count(self) -> int:
         return self.seeds.count if isinstance(self.seeds, SeedRange) else len(self.seeds)
 
     @property
     def item_count(self) -> int:
-        total = len(self.prompts) * self.seed_count
+        total = len(self.prompts) * self.seed_count * max(1, len(self.init_images))
         for values in self.grid.values():
             total *= len(values)
         return total
@@ -203,7 +274,14 @@ class JobSpec(BaseModel):
         return self.model_copy(update={"seeds": seeds})
 
     def to_json_dict(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=True)
+        """Every field that means something in this mode, defaults included; parses back to the same spec."""
+        if self.mode == "txt2img":
+            irrelevant = _IMAGE_FIELDS + _INPAINT_FIELDS
+        elif self.mode == "img2img":
+            irrelevant = _INPAINT_FIELDS + _TXT2IMG_ONLY
+        else:
+            irrelevant = _TXT2IMG_ONLY
+        return self.model_dump(mode="json", exclude_none=True, exclude=set(irrelevant))
 
 
 def _grid_problems(grid: dict[str, list[Any]]):
@@ -241,12 +319,40 @@ def _sampler_problems(spec: JobSpec):
                     yield field, str(e)
 
 
+def _mode_problems(spec: JobSpec):
+    given = spec.model_fields_set | set(spec.grid)
+    if spec.mode == "txt2img":
+        for name in _IMAGE_FIELDS + _INPAINT_FIELDS:
+            if name in given:
+                yield name, 'only for mode = "img2img" or "inpaint"'
+    else:
+        if spec.init_image is None:
+            yield "init_image", f"required for mode = {spec.mode!r}"
+        for name in _TXT2IMG_ONLY:
+            if name in given:
+                yield name, 'supported for mode = "txt2img" only so far'
+        if spec.fix_steps and 0 in spec.grid.get("denoising_strength", [spec.denoising_strength]):
+            yield "denoising_strength", "must be above 0 with fix_steps (the webui divides by it)"
+    if spec.mode == "img2img":
+        for name in _INPAINT_FIELDS:
+            if name in given:
+                yield name, 'only for mode = "inpaint"'
+    if spec.mode == "inpaint" and spec.mask is None:
+        yield "mask", 'required for mode = "inpaint"'
+
+
 @cache
 def _field_adapter(name: str) -> TypeAdapter:
     return TypeAdapter(JobSpec.model_fields[name].annotation if name not in _ANNOTATED else _ANNOTATED[name])
 
 
 _ANNOTATED = {
+    "denoising_strength": Strength,
+    "mask_blur": MaskBlur,
+    "masked_content": MaskedContent,
+    "clip_skip": ClipSkip,
+    "variation_seed": Seed,
+    "variation_strength": Strength,
     "model": ModelRef,
     "negative_prompt": Prompt,
     "steps": Steps,
@@ -294,12 +400,64 @@ def parse_spec(data: Any, base_dir: Path | None = None) -> JobSpec:
         if schedule:
             data["sampler"], data["schedule_type"] = sampler, schedule
     model = data.get("model")
-    if isinstance(model, str) and model and model not in BUILTIN_MODELS:
+    if isinstance(model, str) and model and model not in BUILTIN_MODELS and not model.lower().endswith(PICKLE_SUFFIXES):
         data["model"] = _resolve_model_path(model, base_dir or Path.cwd())
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError(_problems(e)) from None
+    return _with_checked_images(spec, base_dir or Path.cwd())
+
+
+def _with_checked_images(spec: JobSpec, base_dir: Path) -> JobSpec:
+    """Resolve local init images and masks, check each decodes, and that masks fit their images."""
+    if spec.mode == "txt2img":
+        return spec
+    problems: list[tuple[str, str]] = []
+    sizes: dict[str, tuple[int, int]] = {}
+    resolved = []
+    for i, ref in enumerate(spec.init_images):
+        field = "init_image" if isinstance(spec.init_image, str) else f"init_image[{i}]"
+        path, size = _check_image(ref, base_dir, field, problems)
+        resolved.append(path)
+        if size:
+            sizes[path] = size
+    mask = None
+    if spec.mask is not None:
+        mask, mask_size = _check_image(spec.mask, base_dir, "mask", problems)
+        for path, size in sizes.items():
+            if mask_size and size != mask_size:
+                problems.append(("mask", f"is {mask_size[0]}x{mask_size[1]} but init image {Path(path).name} "
+                                         f"is {size[0]}x{size[1]}; they must be the same size"))
+    if problems:
+        raise SpecError(problems)
+    init = resolved[0] if isinstance(spec.init_image, str) else resolved
+    return spec.model_copy(update={"init_image": init, "mask": mask})
+
+
+def _check_image(ref: str, base_dir: Path, field: str, problems: list) -> tuple[str, tuple[int, int] | None]:
+    """A local image's absolute path and size; a store: key is checked at submission."""
+    if ref.startswith(STORE_PREFIX):
+        return ref, None
+    from PIL import Image, UnidentifiedImageError
+
+    path = (base_dir / ref).expanduser().resolve()
+    try:
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            problems.append((field, f"{path.name} is larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB"))
+            return str(path), None
+        with Image.open(path) as img:
+            img.verify()
+            size = img.size
+    except FileNotFoundError:
+        problems.append((field, f"no such file: {path}"))
+        return str(path), None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        problems.append((field, f"{path.name} is not a readable image ({type(e).__name__})"))
+        return str(path), None
+    if max(size) > MAX_IMAGE_SIDE:
+        problems.append((field, f"{path.name} is {size[0]}x{size[1]}; at most {MAX_IMAGE_SIDE} a side"))
+    return str(path), size
 
 
 def _read_prompts_file(data: dict, base_dir: Path) -> list[str]:

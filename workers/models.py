@@ -11,18 +11,27 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from farm.errors import ModelError
+from farm.spec import PICKLE_SUFFIXES
 from workers import tiny
 
 log = logging.getLogger(__name__)
 
 # Weight files whose hash names a diffusers folder, most telling first.
 _HASHED_FILES = ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors")
+
+
+#: diffusers pipeline class per mode; all share one set of weights through `from_pipe`.
+PIPELINES = {
+    "txt2img": "StableDiffusionPipeline",
+    "img2img": "StableDiffusionImg2ImgPipeline",
+    "inpaint": "StableDiffusionInpaintPipeline",
+}
 
 
 @dataclass
@@ -33,6 +42,23 @@ class LoadedModel:
     path: Path
     pipe: object
     scheduler_config: dict
+    _pipes: dict = field(default_factory=dict)
+
+    def pipeline(self, mode: str):
+        """The pipeline for a mode, sharing this model's weights (no second copy in memory)."""
+        if mode == "txt2img":
+            return self.pipe
+        if mode not in self._pipes:
+            import diffusers
+
+            pipe = getattr(diffusers, PIPELINES[mode]).from_pipe(self.pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipes[mode] = pipe
+        return self._pipes[mode]
+
+    @property
+    def inpainting(self) -> bool:
+        return self.pipe.unet.config.in_channels == 9
 
 
 def model_hash(path: Path) -> str:
@@ -79,6 +105,8 @@ class ModelCache:
         path = Path(ref)
         if not path.exists():
             raise ModelError(f"model {ref!r} not found on this worker")
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ModelError(f"model {ref!r} is a pickle checkpoint; farm loads safetensors and diffusers folders only")
         if path.is_file():
             raise ModelError(f"model {ref!r}: single-file checkpoints are not supported yet; use a diffusers folder")
         if not (path / "model_index.json").is_file():

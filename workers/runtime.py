@@ -31,6 +31,8 @@ class Runtime:
     redis: redis.Redis
     board: JobBoard
     hostname: str = field(default_factory=socket.gethostname)
+    #: Decoded init images and masks by (store, key); a few, most recent last.
+    inputs: dict = field(default_factory=dict)
     _stores: dict[str, Store] = field(default_factory=dict)
 
     @classmethod

@@ -14,13 +14,15 @@ import time
 from dataclasses import dataclass
 
 import redis
+from PIL import Image
 
 from farm import __version__, infotext, keys, manifest, png
 from farm.errors import PermanentError, RetriableError, StoreUnavailable
 from farm.plan import Chunk, Item
 from farm.retry import with_backoff
+from farm.spec import STORE_PREFIX
 from farm.store import KeyMissing, Store
-from workers import render
+from workers import images, render
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ def already_stored(store: Store, chunk: Chunk, item: Item) -> bool:
 
 
 def parameters_text(item: Item, model_name: str, model_hash: str) -> str:
+    inpaint = item.mode == "inpaint"
+    only_masked = item.inpaint_area == "only masked"
     params = {
         "Steps": item.steps,
         "Sampler": item.sampler,
@@ -65,8 +69,39 @@ def parameters_text(item: Item, model_name: str, model_hash: str) -> str:
         "Size": f"{item.width}x{item.height}",
         "Model hash": model_hash or None,
         "Model": model_name,
+        "Variation seed": item.variation_seed if item.variation_strength else None,
+        "Variation seed strength": item.variation_strength or None,
+        "Seed resize from": "{}x{}".format(*item.resize_seed_from) if item.resize_seed_from else None,
+        "Denoising strength": item.denoising_strength,
+        "Clip skip": item.clip_skip if item.clip_skip > 1 else None,
+        "Mask blur": item.mask_blur if inpaint else None,
+        "Masked content": item.masked_content,
+        "Inpaint area": "Only masked" if only_masked else None,
+        "Masked area padding": item.padding if only_masked else None,
+        "Mask mode": "Inpaint not masked" if item.invert_mask else None,
+        "Resize mode": RESIZE_MODE_NAMES[item.resize_mode] if item.mode != "txt2img" and item.resize_mode else None,
+        "Fix steps": "True" if item.fix_steps else None,
     }
     return infotext.build(item.prompt, item.negative_prompt, params, version=f"farm {__version__}")
+
+
+RESIZE_MODE_NAMES = ("Just resize", "Crop and resize", "Resize and fill")
+
+
+def fetcher(runtime: Runtime, store: Store):
+    """Init images and masks by `store:` key, decoded once per process (keys are content-addressed)."""
+
+    def fetch(ref: str) -> Image.Image:
+        key = ref.removeprefix(STORE_PREFIX)
+        cache = runtime.inputs
+        if (store.url, key) not in cache:
+            data = with_backoff(lambda: store.get(key), f"fetching {key}")
+            cache[(store.url, key)] = images.decode(data, "init image" if "mask" not in key else "mask")
+            while len(cache) > 16:
+                cache.pop(next(iter(cache)))
+        return cache[(store.url, key)]
+
+    return fetch
 
 
 def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
@@ -88,8 +123,11 @@ def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
             model = runtime.models.get(chunk.items[0].model)
             # 4. Render the whole batch, so every image is drawn in its planned batch.
             started = time.perf_counter()
-            images = render.txt2img(model, chunk.items)
-            seconds = (time.perf_counter() - started) / len(images)
+            pictures = render.render(model, chunk.items, fetcher(runtime, store))
+            seconds = (time.perf_counter() - started) / len(pictures)
+        except KeyMissing as e:
+            _fail(runtime, store, chunk, f"missing input in the store: {e}")
+            raise
         except PermanentError as e:
             _fail(runtime, store, chunk, str(e))
             raise
@@ -97,7 +135,7 @@ def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
         wanted = {it.index for it in missing}
         outputs = [
             _output(chunk, pos, item, image, model, seconds, worker, runtime.device_name)
-            for pos, (item, image) in enumerate(zip(chunk.items, images)) if item.index in wanted
+            for pos, (item, image) in enumerate(zip(chunk.items, pictures)) if item.index in wanted
         ]
         # 6. Upload each image, then its record: a record always points at a stored image.
         for out in outputs:
