@@ -157,7 +157,9 @@ def _write_contact_sheet(job_dir: Path) -> None:
 
 @app.command()
 def submit(
-    spec: Path = typer.Argument(..., help="job spec (TOML, or JSON by its .json name)"),
+    spec: Optional[Path] = typer.Argument(None, help="job spec (TOML, or JSON by its .json name)"),
+    from_image: Optional[Path] = typer.Option(None, "--from-image", help="make the job from a PNG's parameters"),
+    model: Optional[str] = typer.Option(None, help="with --from-image: the model to use (a path)"),
     wait: bool = typer.Option(False, "--wait", help="follow the job with a progress bar until it ends"),
     user: Optional[str] = typer.Option(None, help="who the job is for (default: your login name)"),
     broker: Optional[str] = BrokerOpt,
@@ -171,12 +173,27 @@ def submit(
         settings = _settings(broker, store, endpoint_url)
         if not settings.broker_url:
             raise ValueError("no broker: set FARM_BROKER_URL or pass --broker")
-        job = load_spec(spec)
+        job = _spec_from_args(spec, from_image, model)
         submitted = do_submit(job, settings, user=user)
         typer.echo(submitted.job_id)
         if wait:
             status = _follow_with_bar(JobBoard.from_url(settings.broker_url), submitted.job_id, submitted.items)
             raise typer.Exit(_finish_code(status))
+
+
+def _spec_from_args(spec: Optional[Path], from_image: Optional[Path], model: Optional[str]):
+    from farm.reproduce import spec_from_image
+    from farm.spec import parse_spec
+
+    if (spec is None) == (from_image is None):
+        raise ValueError("give a spec file or --from-image IMAGE.png (one of them)")
+    if from_image is None:
+        return load_spec(spec)
+    try:
+        data = from_image.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {from_image}: {e.strerror or e}") from None
+    return parse_spec(spec_from_image(data, model))
 
 
 def _board(broker: Optional[str]) -> JobBoard:

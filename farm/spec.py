@@ -319,8 +319,26 @@ def _sampler_problems(spec: JobSpec):
                     yield field, str(e)
 
 
+INPAINTING_BUILTINS = ("tiny-sd-inpaint",)
+
+
+def _is_inpainting_model(model: str) -> bool:
+    """A 9-channel UNet, read from a folder's unet/config.json without loading anything."""
+    if model in INPAINTING_BUILTINS:
+        return True
+    config = Path(model) / "unet" / "config.json"
+    try:
+        return json.loads(config.read_text()).get("in_channels") == 9
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _mode_problems(spec: JobSpec):
     given = spec.model_fields_set | set(spec.grid)
+    if spec.mode != "inpaint":
+        for model in spec.grid.get("model", [spec.model]):
+            if isinstance(model, str) and _is_inpainting_model(model):
+                yield "model", f"{Path(model).name} is an inpainting model (9-channel UNet); use mode = \"inpaint\""
     if spec.mode == "txt2img":
         for name in _IMAGE_FIELDS + _INPAINT_FIELDS:
             if name in given:

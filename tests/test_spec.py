@@ -129,3 +129,62 @@ def test_missing_prompts_file_names_the_field(tmp_path):
     (tmp_path / "job.toml").write_text('prompts_file = "nope.txt"\n')
     with pytest.raises(SpecError, match="prompts_file: no such file"):
         load_spec(tmp_path / "job.toml")
+
+
+# --- img2img and inpaint -------------------------------------------------------------------------
+
+@pytest.fixture
+def picture_dir(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (96, 64), "red").save(tmp_path / "init.png")
+    Image.new("L", (96, 64), 255).save(tmp_path / "mask.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "small-mask.png")
+    (tmp_path / "notes.png").write_bytes(b"this is not a picture")
+    return tmp_path
+
+
+IMAGE_BAD = [
+    ("init_image: required for mode = 'img2img'", {"mode": "img2img"}),
+    ("mask: required for mode = \"inpaint\"", {"mode": "inpaint", "init_image": "init.png"}),
+    ("mask: only for mode = \"inpaint\"", {"mode": "img2img", "init_image": "init.png", "mask": "mask.png"}),
+    ("init_image: only for mode = \"img2img\" or \"inpaint\"", {"init_image": "init.png"}),
+    ("denoising_strength: only for mode", {"denoising_strength": 0.5}),
+    ("init_image: no such file", {"mode": "img2img", "init_image": "missing.png"}),
+    ("init_image: notes.png is not a readable image", {"mode": "img2img", "init_image": "notes.png"}),
+    ("init_image[1]: no such file", {"mode": "img2img", "init_image": ["init.png", "gone.png"]}),
+    ("mask: is 64x64 but init image init.png is 96x64", {"mode": "inpaint", "init_image": "init.png",
+                                                         "mask": "small-mask.png"}),
+    ("denoising_strength: must be 0-1, got 1.5", {"mode": "img2img", "init_image": "init.png",
+                                                  "denoising_strength": 1.5}),
+    ("denoising_strength: must be above 0 with fix_steps", {"mode": "img2img", "init_image": "init.png",
+                                                            "denoising_strength": 0.0, "fix_steps": True}),
+    ("resize_mode: latent upscale (3) is not supported yet", {"mode": "img2img", "init_image": "init.png",
+                                                              "resize_mode": 3}),
+    ("masked_content: Input should be 'fill', 'original', 'latent noise' or 'latent nothing'",
+     {"mode": "inpaint", "init_image": "init.png", "mask": "mask.png", "masked_content": "noise"}),
+    ("variation_seed: supported for mode = \"txt2img\" only", {"mode": "img2img", "init_image": "init.png",
+                                                               "variation_seed": 3, "variation_strength": 0.2}),
+    ("model: evil.ckpt is a pickle checkpoint", {"model": "evil.ckpt"}),
+    ("model: tiny-sd-inpaint is an inpainting model", {"model": "tiny-sd-inpaint"}),
+    ("grid.masked_content[0]: Input should be", {"mode": "inpaint", "init_image": "init.png", "mask": "mask.png",
+                                                 "grid": {"masked_content": ["latent"]}}),
+]
+
+
+@pytest.mark.parametrize("expected, data", IMAGE_BAD, ids=[e.split(":")[0] + "-" + str(i) for i, (e, _) in enumerate(IMAGE_BAD)])
+def test_bad_image_specs_are_rejected_naming_the_field(picture_dir, expected, data):
+    with pytest.raises(SpecError) as info:
+        parse_spec({"prompts": ["x"], "width": 64, "height": 64, **data}, base_dir=picture_dir)
+    assert expected in str(info.value)
+
+
+def test_image_spec_paths_are_resolved_and_the_json_form_parses_back(picture_dir):
+    spec = parse_spec({"prompts": ["x"], "mode": "inpaint", "init_image": ["init.png", "init.png"],
+                       "mask": "mask.png", "resize_mode": "crop and resize",
+                       "grid": {"masked_content": ["fill", "latent nothing"]}}, base_dir=picture_dir)
+    assert spec.init_image == [str(picture_dir / "init.png")] * 2 and spec.resize_mode == 1
+    assert spec.item_count == 1 * 2 * 2
+    assert parse_spec(spec.to_json_dict()) == spec
+    txt = parse_spec({"prompts": ["x"]})
+    assert "denoising_strength" not in txt.to_json_dict() and parse_spec(txt.to_json_dict()) == txt

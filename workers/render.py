@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from farm.denoise import img2img_steps
+from farm.errors import ModelError
 from farm.plan import Item
-from workers import images, noise
+from workers import images, noise, prompts
 from workers.models import LoadedModel
 from workers.schedulers import make_scheduler
 
@@ -26,13 +27,13 @@ def _prepared(model: LoadedModel, mode: str, items: Sequence[Item]):
     first = items[0]
     pipe = model.pipeline(mode)
     pipe.scheduler = make_scheduler(model.scheduler_config, first.sampler, first.schedule_type)
+    with torch.inference_mode():
+        text = prompts.embeddings(pipe, [item.prompt for item in items], [item.negative_prompt for item in items],
+                                  first.clip_skip)
     common = dict(
-        prompt=[item.prompt for item in items],
-        negative_prompt=[item.negative_prompt for item in items],
+        **text,
         guidance_scale=first.cfg_scale,
         generator=noise.generators([item.seed for item in items]),
-        # diffusers counts skipped layers; the webui's "Clip skip 1" skips none.
-        clip_skip=first.clip_skip - 1 or None,
         output_type="pil",
     )
     return pipe, first, common
@@ -124,4 +125,7 @@ RENDERERS = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}
 
 
 def render(model: LoadedModel, items: Sequence[Item], fetch: Fetch) -> list[Image.Image]:
-    return RENDERERS[items[0].mode](model, items, fetch)
+    mode = items[0].mode
+    if model.inpainting and mode != "inpaint":
+        raise ModelError(f"{model.name} is an inpainting model (9-channel UNet); use it with mode = \"inpaint\"")
+    return RENDERERS[mode](model, items, fetch)

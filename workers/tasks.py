@@ -128,8 +128,10 @@ def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
         except KeyMissing as e:
             _fail(runtime, store, chunk, f"missing input in the store: {e}")
             raise
-        except PermanentError as e:
-            _fail(runtime, store, chunk, str(e))
+        except Exception as e:
+            # Recorded, then raised: the items end failed with the reason instead of
+            # leaving the job waiting forever, and Celery logs the traceback.
+            _fail(runtime, store, chunk, str(e) if isinstance(e, PermanentError) else f"{type(e).__name__}: {e}")
             raise
         # 5. Encode.
         wanted = {it.index for it in missing}
