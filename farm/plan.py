@@ -34,6 +34,9 @@ class Item:
     width: int
     height: int
     clip_skip: int = 1
+    vae: str | None = None
+    #: Hires fix: (upscaler, scale, second-pass steps, denoising strength), or None.
+    hires: tuple | None = None
     variation_seed: int | None = None
     variation_strength: float = 0.0
     resize_seed_from: tuple[int, int] | None = None
@@ -55,8 +58,9 @@ class Item:
     @classmethod
     def from_dict(cls, data: dict) -> "Item":
         data = dict(data)
-        if data.get("resize_seed_from") is not None:
-            data["resize_seed_from"] = tuple(data["resize_seed_from"])
+        for name in ("resize_seed_from", "hires"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
         return cls(**data)
 
     def params_digest(self) -> str:
@@ -126,6 +130,9 @@ class Plan:
             width=value("width"),
             height=value("height"),
             clip_skip=value("clip_skip"),
+            vae=value("vae"),
+            hires=(spec.hires.upscaler, spec.hires.scale, spec.hires.steps, spec.hires.denoising_strength)
+            if spec.hires else None,
             variation_seed=value("variation_seed") if strength > 0 else None,
             variation_strength=strength,
             resize_seed_from=tuple(spec.resize_seed_from) if spec.resize_seed_from else None,

@@ -7,6 +7,7 @@ this edge trusts a JobSpec.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -41,16 +42,17 @@ MAX_IMAGE_BYTES = 50 * 1024 * 1024
 #: An init image or mask given as a key in the job's store rather than a local path.
 STORE_PREFIX = "store:"
 #: Axes a [grid] may sweep. Seeds, prompts and a list of init images are axes of their own.
-GRID_AXES = ("model", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule_type", "width", "height",
+GRID_AXES = ("model", "vae", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule_type", "width", "height",
              "denoising_strength", "mask_blur", "masked_content", "clip_skip", "variation_seed", "variation_strength")
 IMAGE_MODES = ("img2img", "inpaint")
 #: The webui's resize modes, by index.
-RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill", "latent upscale")
+LATENT_UPSCALE = 3
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 #: Fields that mean something only with an init image, and those only for inpaint.
 _IMAGE_FIELDS = ("init_image", "denoising_strength", "fix_steps", "resize_mode")
 _INPAINT_FIELDS = ("mask", "mask_blur", "masked_content", "inpaint_area", "padding", "invert_mask")
-_TXT2IMG_ONLY = ("variation_seed", "variation_strength", "resize_seed_from")
+_TXT2IMG_ONLY = ("variation_seed", "variation_strength", "resize_seed_from", "hires")
 
 
 def _range(lo: int, hi: int):
@@ -126,14 +128,12 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 def _resize_mode(value: int | str) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"must be 0-2 or one of {', '.join(RESIZE_MODES)}, got {value!r}")
+        raise ValueError(f"must be 0-3 or one of {', '.join(RESIZE_MODES)}, got {value!r}")
     if isinstance(value, int) and 0 <= value < len(RESIZE_MODES):
         return value
     if isinstance(value, str) and value.lower() in RESIZE_MODES:
         return RESIZE_MODES.index(value.lower())
-    if value in (3, "latent upscale"):
-        raise ValueError("latent upscale (3) is not supported yet; use 0-2")
-    raise ValueError(f"must be 0-2 or one of {', '.join(RESIZE_MODES)}, got {value!r}")
+    raise ValueError(f"must be 0-3 or one of {', '.join(RESIZE_MODES)}, got {value!r}")
 
 
 def _nonempty_text(value: str, what: str) -> str:
@@ -175,6 +175,25 @@ class SeedRange(BaseModel):
     count: Annotated[int, _range(1, MAX_ITEMS)]
 
 
+#: The webui's hires upscalers that farm runs: latent-space interpolation, or pixels resized.
+HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos", "Nearest")
+
+
+class Hires(BaseModel):
+    """The webui's "Hires. fix": render, upscale, then a second img2img pass at the larger size."""
+
+    model_config = _STRICT
+    scale: Annotated[float, _range(1, 4)] = 2.0
+    upscaler: Literal["Latent", "Latent (nearest)", "Lanczos", "Nearest"] = "Latent"
+    #: Steps of the second pass; 0 means as many as the first.
+    steps: Annotated[int, _range(0, 150)] = 0
+    denoising_strength: Annotated[float, _range(0, 1)] = 0.7
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The second pass's size, as the webui rounds it (down to a multiple of 8)."""
+        return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+
+
 def _seeds_form(value: Any) -> str:
     return "range" if isinstance(value, (dict, SeedRange)) else "list"
 
@@ -209,6 +228,9 @@ class JobSpec(BaseModel):
     #: because the batch an image is drawn in changes its bytes by rounding.
     batch_size: Annotated[int, _range(1, 64)] = 4
     clip_skip: ClipSkip = 1
+    #: A VAE that replaces the model's own: a diffusers AutoencoderKL folder.
+    vae: Annotated[str, AfterValidator(_model)] | None = None
+    hires: Hires | None = None
     # Seeds beyond the plain seed, as the webui's "Extra" seed options (txt2img).
     variation_seed: Seed | None = None
     variation_strength: Strength = 0.0
@@ -357,6 +379,13 @@ def _mode_problems(spec: JobSpec):
                 yield name, 'only for mode = "inpaint"'
     if spec.mode == "inpaint" and spec.mask is None:
         yield "mask", 'required for mode = "inpaint"'
+    if spec.mode == "inpaint" and spec.resize_mode == LATENT_UPSCALE:
+        yield "resize_mode", 'latent upscale is supported for mode = "img2img" only so far'
+    if spec.hires:
+        for w, h in itertools.product(spec.grid.get("width", [spec.width]), spec.grid.get("height", [spec.height])):
+            if isinstance(w, int) and isinstance(h, int) and max(spec.hires.size(w, h)) > 2048:
+                big = "x".join(map(str, spec.hires.size(w, h)))
+                yield "hires.scale", f"{w}x{h} scaled by {spec.hires.scale:g} is {big}; at most 2048 a side"
 
 
 @cache
@@ -365,6 +394,7 @@ def _field_adapter(name: str) -> TypeAdapter:
 
 
 _ANNOTATED = {
+    "vae": ModelRef,
     "denoising_strength": Strength,
     "mask_blur": MaskBlur,
     "masked_content": MaskedContent,
@@ -420,6 +450,9 @@ def parse_spec(data: Any, base_dir: Path | None = None) -> JobSpec:
     model = data.get("model")
     if isinstance(model, str) and model and model not in BUILTIN_MODELS and not model.lower().endswith(PICKLE_SUFFIXES):
         data["model"] = _resolve_model_path(model, base_dir or Path.cwd())
+    vae = data.get("vae")
+    if isinstance(vae, str) and vae and not vae.lower().endswith(PICKLE_SUFFIXES):
+        data["vae"] = _resolve_model_path(vae, base_dir or Path.cwd(), "vae")
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
@@ -497,12 +530,11 @@ def _read_prompts_file(data: dict, base_dir: Path) -> list[str]:
     return prompts
 
 
-def _resolve_model_path(model: str, base_dir: Path) -> str:
+def _resolve_model_path(model: str, base_dir: Path, field: str = "model") -> str:
     path = (base_dir / model).expanduser()
     if not path.exists():
-        raise SpecError.single(
-            "model", f"no built-in model or local path {model!r} (built-in: {', '.join(BUILTIN_MODELS)})"
-        )
+        builtin = f" (built-in: {', '.join(BUILTIN_MODELS)})" if field == "model" else ""
+        raise SpecError.single(field, f"no {'built-in model or ' if builtin else ''}local path {model!r}{builtin}")
     return str(path.resolve())
 
 

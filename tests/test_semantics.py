@@ -328,3 +328,49 @@ def test_clip_skip_takes_an_earlier_layer_through_the_final_norm(models):
     a = render.render(model, [item(0, clip_skip=1)], None)[0]
     b = render.render(model, [item(0, clip_skip=2)], None)[0]
     assert a.tobytes() != b.tobytes()
+
+
+# --- hires fix and VAE override -------------------------------------------------------------------
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_renders_at_the_scaled_size_running_the_second_pass_steps(models, upscaler):
+    model = models.get("tiny-sd")
+    calls = []
+    handle = model.pipe.unet.register_forward_pre_hook(lambda _m, args: calls.append(tuple(args[0].shape[-2:])))
+    try:
+        out = render.render(model, [item(0, steps=5, hires=(upscaler, 1.5, 3, 0.6))], None)[0]
+    finally:
+        handle.remove()
+    assert out.size == (96, 96)
+    assert calls == [(8, 8)] * 5 + [(12, 12)] * 3
+    plain = render.render(model, [item(0, steps=5)], None)[0]
+    assert plain.size == (64, 64)
+
+
+def test_vae_override_changes_the_decoder_and_is_recorded(models, tmp_path):
+    from workers.tiny import build_tiny_pipeline
+
+    torch.manual_seed(1)
+    other = build_tiny_pipeline().vae
+    torch.manual_seed(2)
+    for p in other.decoder.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    other.save_pretrained(tmp_path / "my-vae")
+    model = models.get("tiny-sd")
+    vae = models.vae(str(tmp_path / "my-vae"))
+    with_override = render.render(model, [item(0)], None, vae)[0]
+    without = render.render(model, [item(0)], None)[0]
+    assert with_override.tobytes() != without.tobytes()
+    assert render.render(model, [item(0)], None)[0].tobytes() == without.tobytes()  # the model's own VAE is back
+    params = infotext.parse(parameters_text(item(0, vae=str(tmp_path / "my-vae")), "tiny-sd", "0123456789", vae))
+    assert params["VAE"] == "my-vae" and len(params["VAE hash"]) == 10
+
+
+def test_latent_upscale_resize_mode_renders_at_the_target_size(models, inputs):
+    model = models.get("tiny-sd")
+    out = render.render(model, [item(0, "img2img", resize_mode=3, width=128, height=64),
+                                item(1, "img2img", resize_mode=3, width=128, height=64)], inputs.__getitem__)
+    assert [o.size for o in out] == [(128, 64)] * 2
+    assert out[0].tobytes() != out[1].tobytes()
+    stretched = render.render(model, [item(0, "img2img", resize_mode=0, width=128, height=64)], inputs.__getitem__)[0]
+    assert stretched.tobytes() != out[0].tobytes()

@@ -42,6 +42,8 @@ class LoadedModel:
     path: Path
     pipe: object
     scheduler_config: dict
+    #: The model's own VAE, kept apart: a chunk with a VAE override swaps `pipe.vae`.
+    own_vae: object = None
     _pipes: dict = field(default_factory=dict)
 
     def pipeline(self, mode: str):
@@ -76,6 +78,14 @@ def model_hash(path: Path) -> str:
     return digest.hexdigest()[:10]
 
 
+@dataclass
+class LoadedVae:
+    ref: str
+    name: str
+    hash: str
+    module: object
+
+
 class ModelCache:
     def __init__(self, cache_dir: Path, device: torch.device, dtype: torch.dtype, capacity: int = 2):
         self.cache_dir = cache_dir
@@ -84,6 +94,7 @@ class ModelCache:
         self.capacity = capacity
         self.loads = 0
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._vaes: dict[str, LoadedVae] = {}
 
     def get(self, ref: str) -> LoadedModel:
         if ref in self._models:
@@ -98,6 +109,26 @@ class ModelCache:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         return model
+
+    def vae(self, ref: str) -> LoadedVae:
+        """A VAE override (a diffusers AutoencoderKL folder), loaded once and kept."""
+        if ref not in self._vaes:
+            from diffusers import AutoencoderKL
+
+            path = Path(ref)
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                raise ModelError(f"VAE {ref!r} is a pickle file; farm loads safetensors only")
+            if not (path / "config.json").is_file():
+                raise ModelError(f"VAE {ref!r} is not a diffusers AutoencoderKL folder (no config.json)")
+            try:
+                module = AutoencoderKL.from_pretrained(path, dtype=self.dtype, local_files_only=True,
+                                                       use_safetensors=True).to(self.device)
+            except (OSError, ValueError) as e:
+                raise ModelError(f"VAE {ref!r} failed to load: {e}") from e
+            weights = path / "diffusion_pytorch_model.safetensors"
+            self._vaes[ref] = LoadedVae(ref, path.name, model_hash(weights) if weights.is_file() else "", module)
+            self.loads += 1
+        return self._vaes[ref]
 
     def _resolve(self, ref: str) -> tuple[Path, str]:
         if ref in tiny.BUILTIN_MODELS:
@@ -129,4 +160,4 @@ class ModelCache:
         pipe.set_progress_bar_config(disable=True)
         self.loads += 1
         log.info("loaded model %s on %s in %.1fs", name, self.device, time.perf_counter() - started)
-        return LoadedModel(ref, name, model_hash(path), path, pipe, dict(pipe.scheduler.config))
+        return LoadedModel(ref, name, model_hash(path), path, pipe, dict(pipe.scheduler.config), own_vae=pipe.vae)

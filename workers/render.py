@@ -15,6 +15,7 @@ from PIL import Image
 from farm.denoise import img2img_steps
 from farm.errors import ModelError
 from farm.plan import Item
+from farm.spec import LATENT_UPSCALE
 from workers import images, noise, prompts
 from workers.models import LoadedModel
 from workers.schedulers import make_scheduler
@@ -23,10 +24,11 @@ from workers.schedulers import make_scheduler
 Fetch = Callable[[str], Image.Image]
 
 
-def _prepared(model: LoadedModel, mode: str, items: Sequence[Item]):
+def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
     first = items[0]
     pipe = model.pipeline(mode)
     pipe.scheduler = make_scheduler(model.scheduler_config, first.sampler, first.schedule_type)
+    pipe.vae = vae.module if vae is not None else model.own_vae
     with torch.inference_mode():
         text = prompts.embeddings(pipe, [item.prompt for item in items], [item.negative_prompt for item in items],
                                   first.clip_skip)
@@ -39,25 +41,69 @@ def _prepared(model: LoadedModel, mode: str, items: Sequence[Item]):
     return pipe, first, common
 
 
-def txt2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch | None = None) -> list[Image.Image]:
-    pipe, first, common = _prepared(model, "txt2img", items)
+def txt2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch | None = None, vae=None) -> list[Image.Image]:
+    pipe, first, common = _prepared(model, "txt2img", items, vae)
     latents = noise.batch_noise(items).to(pipe.device, pipe.unet.dtype)
+    if first.hires:
+        return _hires(model, pipe, first, common, latents, vae)
     with torch.inference_mode():
         return pipe(num_inference_steps=first.steps, width=first.width, height=first.height, latents=latents,
                     **common).images
 
 
-def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch) -> list[Image.Image]:
-    pipe, first, common = _prepared(model, "img2img", items)
-    init = images.resize_image(first.resize_mode, images.flatten(fetch(first.init_image)), first.width, first.height)
+def _hires(model: LoadedModel, pipe, first: Item, common: dict, latents: torch.Tensor, vae) -> list[Image.Image]:
+    """The webui's hires fix: a first pass, an upscale, then img2img at the larger size running
+    exactly the second-pass steps (the webui always "fixes" them there), from fresh seed noise."""
+    upscaler, scale, steps, strength = first.hires
+    width, height = int(first.width * scale) // 8 * 8, int(first.height * scale) // 8 * 8
+    latent_space = upscaler.startswith("Latent")
+    with torch.inference_mode():
+        first_pass = pipe(num_inference_steps=first.steps, width=first.width, height=first.height, latents=latents,
+                          **{**common, "output_type": "latent" if latent_space else "pil"}).images
+    if latent_space:
+        mode = "nearest" if upscaler == "Latent (nearest)" else "bilinear"
+        upscaled = torch.nn.functional.interpolate(first_pass, size=(height // 8, width // 8), mode=mode)
+    else:
+        resample = Image.Resampling.LANCZOS if upscaler == "Lanczos" else Image.Resampling.NEAREST
+        upscaled = [image.resize((width, height), resample=resample) for image in first_pass]
+    second = model.pipeline("img2img")
+    second.scheduler = make_scheduler(model.scheduler_config, first.sampler, first.schedule_type)
+    second.vae = vae.module if vae is not None else model.own_vae
+    plan = img2img_steps(steps or first.steps, strength, fix_steps=True) if strength > 0 else \
+        img2img_steps(steps or first.steps, strength)
+    seeds = [g.initial_seed() for g in common["generator"]]
+    with torch.inference_mode():
+        return second(image=upscaled, strength=plan.diffusers_strength, num_inference_steps=plan.schedule,
+                      **{**common, "generator": noise.generators(seeds)}).images
+
+
+def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -> list[Image.Image]:
+    pipe, first, common = _prepared(model, "img2img", items, vae)
+    picture = images.flatten(fetch(first.init_image))
+    if first.resize_mode == LATENT_UPSCALE:
+        init = _latent_upscaled(pipe, picture, first.width, first.height, common["generator"])
+    else:
+        init = [images.resize_image(first.resize_mode, picture, first.width, first.height)] * len(items)
     steps = img2img_steps(first.steps, first.denoising_strength, first.fix_steps)
     with torch.inference_mode():
-        return pipe(image=[init] * len(items), strength=steps.diffusers_strength,
-                    num_inference_steps=steps.schedule, **common).images
+        return pipe(image=init, strength=steps.diffusers_strength, num_inference_steps=steps.schedule,
+                    **common).images
 
 
-def inpaint(model: LoadedModel, items: Sequence[Item], fetch: Fetch) -> list[Image.Image]:
-    pipe, first, common = _prepared(model, "inpaint", items)
+def _latent_upscaled(pipe, picture: Image.Image, width: int, height: int, generators) -> torch.Tensor:
+    """The webui's resize mode 3: encode at the image's own size (rounded down to a multiple
+    of 8), then resize bilinearly in latent space. diffusers takes 4-channel input as latents."""
+    w, h = picture.width // 8 * 8, picture.height // 8 * 8
+    pixels = pipe.image_processor.preprocess(picture.resize((w, h), Image.Resampling.LANCZOS))
+    pixels = pixels.to(pipe.device, pipe.vae.dtype)
+    with torch.inference_mode():
+        encoded = pipe.vae.encode(pixels).latent_dist
+        latents = torch.cat([encoded.sample(generator=g) for g in generators]) * pipe.vae.config.scaling_factor
+    return torch.nn.functional.interpolate(latents, size=(height // 8, width // 8), mode="bilinear")
+
+
+def inpaint(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -> list[Image.Image]:
+    pipe, first, common = _prepared(model, "inpaint", items, vae)
     width, height, batch = first.width, first.height, len(items)
     original = images.flatten(fetch(first.init_image))
     crop = None
@@ -124,8 +170,9 @@ class _initial_latents:
 RENDERERS = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}
 
 
-def render(model: LoadedModel, items: Sequence[Item], fetch: Fetch) -> list[Image.Image]:
+def render(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -> list[Image.Image]:
+    """Render a batch; `vae` is a loaded VAE override (workers.models.LoadedVae) or None."""
     mode = items[0].mode
     if model.inpainting and mode != "inpaint":
         raise ModelError(f"{model.name} is an inpainting model (9-channel UNet); use it with mode = \"inpaint\"")
-    return RENDERERS[mode](model, items, fetch)
+    return RENDERERS[mode](model, items, fetch, vae)

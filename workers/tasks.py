@@ -57,7 +57,7 @@ def already_stored(store: Store, chunk: Chunk, item: Item) -> bool:
     return record.get("params") == batch_digest(chunk, item) and store.exists(record["key"])
 
 
-def parameters_text(item: Item, model_name: str, model_hash: str) -> str:
+def parameters_text(item: Item, model_name: str, model_hash: str, vae=None) -> str:
     inpaint = item.mode == "inpaint"
     only_masked = item.inpaint_area == "only masked"
     params = {
@@ -69,11 +69,16 @@ def parameters_text(item: Item, model_name: str, model_hash: str) -> str:
         "Size": f"{item.width}x{item.height}",
         "Model hash": model_hash or None,
         "Model": model_name,
+        "VAE hash": (vae.hash or None) if vae else None,
+        "VAE": vae.name if vae else None,
         "Variation seed": item.variation_seed if item.variation_strength else None,
         "Variation seed strength": item.variation_strength or None,
         "Seed resize from": "{}x{}".format(*item.resize_seed_from) if item.resize_seed_from else None,
-        "Denoising strength": item.denoising_strength,
+        "Denoising strength": item.hires[3] if item.hires else item.denoising_strength,
         "Clip skip": item.clip_skip if item.clip_skip > 1 else None,
+        "Hires upscale": item.hires[1] if item.hires else None,
+        "Hires steps": item.hires[2] if item.hires and item.hires[2] else None,
+        "Hires upscaler": item.hires[0] if item.hires else None,
         "Mask blur": item.mask_blur if inpaint else None,
         "Masked content": item.masked_content,
         "Inpaint area": "Only masked" if only_masked else None,
@@ -85,7 +90,7 @@ def parameters_text(item: Item, model_name: str, model_hash: str) -> str:
     return infotext.build(item.prompt, item.negative_prompt, params, version=f"farm {__version__}")
 
 
-RESIZE_MODE_NAMES = ("Just resize", "Crop and resize", "Resize and fill")
+RESIZE_MODE_NAMES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 
 
 def fetcher(runtime: Runtime, store: Store):
@@ -96,7 +101,7 @@ def fetcher(runtime: Runtime, store: Store):
         cache = runtime.inputs
         if (store.url, key) not in cache:
             data = with_backoff(lambda: store.get(key), f"fetching {key}")
-            cache[(store.url, key)] = images.decode(data, "init image" if "mask" not in key else "mask")
+            cache[(store.url, key)] = images.decode(data, f"input image {key}")
             while len(cache) > 16:
                 cache.pop(next(iter(cache)))
         return cache[(store.url, key)]
@@ -108,52 +113,63 @@ def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
     # 1. Decode.
     chunk, store_url = decode(message)
     store = runtime.store(store_url)
-    board = runtime.board
-    board.mark_running(chunk.job_id, chunk.number, worker, chunk.batch_size)
+    runtime.board.mark_running(chunk.job_id, chunk.number, worker, chunk.batch_size)
     try:
         # 2. Skip items whose image and record already exist with the same parameters.
         missing = [it for it in chunk.items if not with_backoff(
             lambda it=it: already_stored(store, chunk, it), "checking stored items")]
-        if not missing:
+        if missing:
+            try:
+                outputs = _render_and_store(runtime, store, chunk, missing, worker)
+            except Exception as e:
+                # Recorded, then raised: the items end failed with the reason instead of
+                # leaving the job waiting forever, and Celery logs the traceback.
+                _fail(runtime, store, chunk, _reason(e))
+                raise
+        else:
             log.info("chunk %s/%d already stored; skipping", chunk.job_id, chunk.number)
-            _report(runtime, store, chunk.job_id, [it.index for it in chunk.items])
-            return []
-        try:
-            # 3. Load the model (cached in this process).
-            model = runtime.models.get(chunk.items[0].model)
-            # 4. Render the whole batch, so every image is drawn in its planned batch.
-            started = time.perf_counter()
-            pictures = render.render(model, chunk.items, fetcher(runtime, store))
-            seconds = (time.perf_counter() - started) / len(pictures)
-        except KeyMissing as e:
-            _fail(runtime, store, chunk, f"missing input in the store: {e}")
-            raise
-        except Exception as e:
-            # Recorded, then raised: the items end failed with the reason instead of
-            # leaving the job waiting forever, and Celery logs the traceback.
-            _fail(runtime, store, chunk, str(e) if isinstance(e, PermanentError) else f"{type(e).__name__}: {e}")
-            raise
-        # 5. Encode.
-        wanted = {it.index for it in missing}
-        outputs = [
-            _output(chunk, pos, item, image, model, seconds, worker, runtime.device_name)
-            for pos, (item, image) in enumerate(zip(chunk.items, pictures)) if item.index in wanted
-        ]
-        # 6. Upload each image, then its record: a record always points at a stored image.
-        for out in outputs:
-            with_backoff(lambda out=out: store.put(out.key, out.png, "image/png"), f"uploading {out.key}")
-            record = json.dumps(out.record, ensure_ascii=False).encode()
-            with_backoff(lambda: store.put(keys.record(chunk.job_id, out.item.index), record, "application/json"),
-                         "uploading record")
+            outputs = []
         # 7. Report.
         _report(runtime, store, chunk.job_id, [it.index for it in chunk.items])
         return outputs
     finally:
-        _quietly(board.clear_running, chunk.job_id, chunk.number)
+        _quietly(runtime.board.clear_running, chunk.job_id, chunk.number)
 
 
-def _output(chunk, pos, item, image, model, seconds, worker, device) -> Output:
-    text = parameters_text(item, model.name, model.hash)
+def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: list[Item], worker: str) -> list[Output]:
+    # 3. Load the model and any VAE override (cached in this process).
+    first = chunk.items[0]
+    model = runtime.models.get(first.model)
+    vae = runtime.models.vae(first.vae) if first.vae else None
+    # 4. Render the whole batch, so every image is drawn in its planned batch.
+    started = time.perf_counter()
+    pictures = render.render(model, chunk.items, fetcher(runtime, store), vae)
+    seconds = (time.perf_counter() - started) / len(pictures)
+    # 5. Encode the images that are missing.
+    wanted = {it.index for it in missing}
+    outputs = [
+        _output(chunk, pos, item, image, model, vae, seconds, worker, runtime.device_name)
+        for pos, (item, image) in enumerate(zip(chunk.items, pictures)) if item.index in wanted
+    ]
+    # 6. Upload each image, then its record: a record always points at a stored image.
+    for out in outputs:
+        with_backoff(lambda out=out: store.put(out.key, out.png, "image/png"), f"uploading {out.key}")
+        record = json.dumps(out.record, ensure_ascii=False).encode()
+        with_backoff(lambda: store.put(keys.record(chunk.job_id, out.item.index), record, "application/json"),
+                     "uploading record")
+    return outputs
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, KeyMissing):
+        return f"missing input in the store: {error}"
+    if isinstance(error, PermanentError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _output(chunk, pos, item, image, model, vae, seconds, worker, device) -> Output:
+    text = parameters_text(item, model.name, model.hash, vae)
     data = png.encode(image, text)
     key = keys.image(chunk.job_id, item.index, item.seed)
     record = {
@@ -162,6 +178,7 @@ def _output(chunk, pos, item, image, model, seconds, worker, device) -> Output:
         "model": model.name,
         "model_ref": item.model,
         "model_hash": model.hash,
+        "vae_hash": vae.hash if vae else None,
         "sha256": hashlib.sha256(data).hexdigest(),
         "worker": worker,
         "device": device,
