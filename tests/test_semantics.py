@@ -374,3 +374,12 @@ def test_latent_upscale_resize_mode_renders_at_the_target_size(models, inputs):
     assert out[0].tobytes() != out[1].tobytes()
     stretched = render.render(model, [item(0, "img2img", resize_mode=0, width=128, height=64)], inputs.__getitem__)[0]
     assert stretched.tobytes() != out[0].tobytes()
+
+
+def test_pipelines_for_other_modes_keep_the_models_dtype(cache_dir):
+    """diffusers' from_pipe casts shared modules to float32 by default: an fp16 model on a GPU
+    silently became fp32 (and rendered differently) after its first img2img chunk."""
+    model = ModelCache(cache_dir, torch.device("cpu"), torch.bfloat16).get("tiny-sd")
+    for mode in ("img2img", "inpaint"):
+        model.pipeline(mode)
+    assert {model.pipe.unet.dtype, model.pipe.vae.dtype, model.pipe.text_encoder.dtype} == {torch.bfloat16}

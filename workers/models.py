@@ -53,7 +53,9 @@ class LoadedModel:
         if mode not in self._pipes:
             import diffusers
 
-            pipe = getattr(diffusers, PIPELINES[mode]).from_pipe(self.pipe)
+            # from_pipe casts every shared module to float32 unless told otherwise,
+            # which would turn the model's own fp16 pipeline to fp32 too.
+            pipe = getattr(diffusers, PIPELINES[mode]).from_pipe(self.pipe, dtype=self.pipe.unet.dtype)
             pipe.set_progress_bar_config(disable=True)
             self._pipes[mode] = pipe
         return self._pipes[mode]
