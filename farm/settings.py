@@ -29,6 +29,8 @@ class Settings:
     s3_endpoint_url: str | None = None
     #: Where built-in models are built and cached on a worker host.
     cache_dir: Path = field(default_factory=_default_cache_dir)
+    #: Config folders for single-file checkpoints, one per family; None uses farm's own.
+    model_configs: Path | None = None
     #: "auto" picks CUDA when present, else CPU; or any torch device string.
     device: str = "auto"
     #: Seconds a delivered message may go without its lease renewed before the
@@ -48,6 +50,8 @@ class Settings:
             "device": env.get("FARM_DEVICE") or "auto",
             "queue": env.get("FARM_QUEUE") or "farm.render",
         }
+        if env.get("FARM_MODEL_CONFIGS"):
+            kwargs["model_configs"] = Path(env["FARM_MODEL_CONFIGS"])
         if env.get("FARM_CACHE_DIR"):
             kwargs["cache_dir"] = Path(env["FARM_CACHE_DIR"])
         if env.get("FARM_VISIBILITY_TIMEOUT"):
@@ -66,6 +70,8 @@ class Settings:
             "FARM_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
             "FARM_QUEUE": self.queue,
         }
+        if self.model_configs:
+            env["FARM_MODEL_CONFIGS"] = str(self.model_configs)
         if self.broker_url:
             env["FARM_BROKER_URL"] = self.broker_url
         if self.store:

@@ -28,8 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from farm import samplers
-from farm.errors import SpecError
+from farm import checkpoints, samplers
+from farm.errors import ModelError, SpecError
 
 BUILTIN_MODELS = ("tiny-sd", "tiny-sd-inpaint")
 MAX_SPEC_BYTES = 4 * 1024 * 1024
@@ -345,9 +345,14 @@ INPAINTING_BUILTINS = ("tiny-sd-inpaint",)
 
 
 def _is_inpainting_model(model: str) -> bool:
-    """A 9-channel UNet, read from a folder's unet/config.json without loading anything."""
+    """A 9-channel UNet, read from a folder's unet/config.json or a file's header, loading nothing."""
     if model in INPAINTING_BUILTINS:
         return True
+    if model.endswith(".safetensors"):
+        try:
+            return checkpoints.detect(Path(model)).inpainting
+        except ModelError:
+            return False
     config = Path(model) / "unet" / "config.json"
     try:
         return json.loads(config.read_text()).get("in_channels") == 9
@@ -535,7 +540,21 @@ def _resolve_model_path(model: str, base_dir: Path, field: str = "model") -> str
     if not path.exists():
         builtin = f" (built-in: {', '.join(BUILTIN_MODELS)})" if field == "model" else ""
         raise SpecError.single(field, f"no {'built-in model or ' if builtin else ''}local path {model!r}{builtin}")
+    if path.is_file() and field == "model":
+        _check_checkpoint(path)
     return str(path.resolve())
+
+
+def _check_checkpoint(path: Path) -> None:
+    if path.suffix.lower() != ".safetensors":
+        raise SpecError.single("model", f"{path.name}: a model is a diffusers folder or a .safetensors checkpoint")
+    try:
+        family = checkpoints.detect(path)
+    except ModelError as e:
+        raise SpecError.single("model", str(e)) from None
+    if not family.supported:
+        raise SpecError.single("model", f"{path.name} is an {family.name} checkpoint; from single files farm loads "
+                                        f"{', '.join(checkpoints.SUPPORTED)} so far (a diffusers folder of any family works)")
 
 
 def load_spec(path: str | Path) -> JobSpec:

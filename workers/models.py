@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from farm import checkpoints
 from farm.errors import ModelError
 from farm.spec import PICKLE_SUFFIXES
-from workers import tiny
+from workers import single_file, tiny
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,11 @@ class LoadedVae:
 
 
 class ModelCache:
-    def __init__(self, cache_dir: Path, device: torch.device, dtype: torch.dtype, capacity: int = 2):
+    def __init__(self, cache_dir: Path, device: torch.device, dtype: torch.dtype, capacity: int = 2,
+                 config_override: Path | None = None):
         self.cache_dir = cache_dir
+        #: FARM_MODEL_CONFIGS: config folders for single-file checkpoints, replacing farm's own.
+        self.config_override = config_override
         self.device = device
         self.dtype = dtype
         self.capacity = capacity
@@ -132,6 +136,16 @@ class ModelCache:
             self.loads += 1
         return self._vaes[ref]
 
+    def _load_single_file(self, path: Path):
+        if path.suffix.lower() != ".safetensors":
+            raise ModelError(f"model {path.name}: a single-file checkpoint must be .safetensors")
+        family = checkpoints.detect(path)
+        if not family.supported:
+            raise ModelError(f"{path.name} is an {family.name} checkpoint; from single files farm loads "
+                             f"{', '.join(checkpoints.SUPPORTED)} so far")
+        config = single_file.config_folder(family, self.cache_dir, self.config_override)
+        return single_file.load(path, family, config, self.dtype)
+
     def _resolve(self, ref: str) -> tuple[Path, str]:
         if ref in tiny.BUILTIN_MODELS:
             return tiny.builtin_model_dir(ref, self.cache_dir), ref
@@ -141,7 +155,7 @@ class ModelCache:
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise ModelError(f"model {ref!r} is a pickle checkpoint; farm loads safetensors and diffusers folders only")
         if path.is_file():
-            raise ModelError(f"model {ref!r}: single-file checkpoints are not supported yet; use a diffusers folder")
+            return path, path.stem
         if not (path / "model_index.json").is_file():
             raise ModelError(f"model {ref!r} is not a diffusers folder (no model_index.json)")
         return path, path.name
@@ -151,13 +165,16 @@ class ModelCache:
 
         path, name = self._resolve(ref)
         started = time.perf_counter()
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                path, dtype=self.dtype, local_files_only=True, use_safetensors=True,
-                safety_checker=None, requires_safety_checker=False,
-            )
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise ModelError(f"model {ref!r} failed to load: {e}") from e
+        if path.is_file():
+            pipe = self._load_single_file(path)
+        else:
+            try:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    path, dtype=self.dtype, local_files_only=True, use_safetensors=True,
+                    safety_checker=None, requires_safety_checker=False,
+                )
+            except (OSError, ValueError, EnvironmentError) as e:
+                raise ModelError(f"model {ref!r} failed to load: {e}") from e
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.loads += 1

@@ -43,7 +43,7 @@ class Runtime:
             settings=settings,
             device=device,
             device_name=describe(device),
-            models=ModelCache(settings.cache_dir, device, dtype_for(device)),
+            models=ModelCache(settings.cache_dir, device, dtype_for(device), config_override=settings.model_configs),
             redis=client,
             board=JobBoard(client),
         )

@@ -57,12 +57,12 @@ def builtin_model_dir(name: str, cache_dir: Path) -> Path:
 
 def clip_byte_vocab() -> tuple[dict[str, int], list[str]]:
     """A CLIP-layout BPE vocabulary over bytes alone: every text tokenizes, none learned."""
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
     return {tok: i for i, tok in enumerate(tokens)}, []
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from bytes to printable characters."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -76,7 +76,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def build_tiny_pipeline(inpainting: bool = False):
+def build_tiny_pipeline(inpainting: bool = False, layers_per_block: int = 1):
     from diffusers import (
         AutoencoderKL,
         EulerAncestralDiscreteScheduler,
@@ -93,7 +93,7 @@ def build_tiny_pipeline(inpainting: bool = False):
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         attention_head_dim=8,
         cross_attention_dim=32,
         norm_num_groups=32,
@@ -104,7 +104,7 @@ def build_tiny_pipeline(inpainting: bool = False):
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         latent_channels=4,
         norm_num_groups=32,
         sample_size=64,

@@ -1,0 +1,96 @@
+"""Write a diffusers SD1 pipeline as a single-file checkpoint in the original (LDM) key layout.
+
+The diffusers package converts LDM -> diffusers when it loads a single file, but has no
+converter the other way for arbitrary sizes, so the tests carry this one. It covers the
+SD1 layout (4 levels, cross-attention in the first three) at any width and depth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+_UNET_TOP = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")]
+_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+_VAE_ATTENTION = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+
+
+def _unet_prefixes(layers: int) -> list[tuple[str, str]]:
+    out = []
+    step = layers + 1
+    for i in range(4):
+        for j in range(layers):
+            out += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{1 + i * step + j}.0."),
+                    (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{1 + i * step + j}.1.")]
+        for j in range(step):
+            out += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * step + j}.0."),
+                    (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i * step + j}.1.")]
+        if i < 3:
+            out.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * step}.0.op."))
+            out.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * step + layers}.{1 if i == 0 else 2}."))
+    out += [("mid_block.attentions.0.", "middle_block.1."), ("mid_block.resnets.0.", "middle_block.0."),
+            ("mid_block.resnets.1.", "middle_block.2.")]
+    return out + _UNET_TOP
+
+
+def _vae_prefixes(layers: int) -> list[tuple[str, str]]:
+    out = []
+    for i in range(4):
+        out += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.") for j in range(layers)]
+        out += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{3 - i}.block.{j}.") for j in range(layers + 1)]
+        if i < 3:
+            out += [(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."),
+                    (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{3 - i}.upsample.")]
+    for part in ("encoder", "decoder"):
+        out += [(f"{part}.mid_block.resnets.{k}.", f"{part}.mid.block_{k + 1}.") for k in range(2)]
+        out.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."))
+    return out
+
+
+def _rename(key: str, prefixes) -> str:
+    for ours, theirs in prefixes:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
+
+
+def unet_to_ldm(state: dict, layers: int) -> dict:
+    out = {}
+    prefixes = _unet_prefixes(layers)
+    for key, value in state.items():
+        new = _rename(key, prefixes)
+        if "resnets." in key:
+            for ours, theirs in _RESNET:
+                new = new.replace(f".{ours}.", f".{theirs}.")
+        out["model.diffusion_model." + new] = value
+    return out
+
+
+def vae_to_ldm(state: dict, layers: int) -> dict:
+    out = {}
+    prefixes = _vae_prefixes(layers)
+    for key, value in state.items():
+        new = _rename(key, prefixes).replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        if ".attn_1." in new:
+            for ours, theirs in _VAE_ATTENTION:
+                new = new.replace(ours, theirs)
+            if value.ndim == 2:
+                value = value.reshape(*value.shape, 1, 1)  # linear -> 1x1 conv
+        out["first_stage_model." + new] = value
+    return out
+
+
+def text_to_ldm(state: dict) -> dict:
+    # transformers 5 dropped the "text_model." level from CLIPTextModel's keys; LDM has it.
+    return {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in state.items()}
+
+
+def save_sd1_checkpoint(pipe, path: Path, layers: int) -> Path:
+    state = {**unet_to_ldm(pipe.unet.state_dict(), layers), **vae_to_ldm(pipe.vae.state_dict(), layers),
+             **text_to_ldm(pipe.text_encoder.state_dict())}
+    save_file({k: v.contiguous().to(torch.float32) for k, v in state.items()}, str(path))
+    return path

@@ -1,0 +1,115 @@
+"""Single-file checkpoints: families detected from the header, SD1 and SD1-inpainting loaded offline
+through the same code as a user's file (with tiny config folders in place of the real ones)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from farm import checkpoints
+from farm.errors import ModelError, SpecError
+from farm.plan import Item
+from farm.spec import parse_spec
+from tests.ldm import save_sd1_checkpoint
+from workers import render
+from workers.models import ModelCache, model_hash
+from workers.tiny import build_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """Tiny SD1 and SD1-inpainting pipelines, each as a diffusers folder (also its family's config
+    folder) and as an LDM-layout .safetensors file holding the same weights."""
+    root = tmp_path_factory.mktemp("single-file")
+    made = {}
+    for family, inpainting in (("sd1", False), ("sd1-inpainting", True)):
+        torch.manual_seed(3)
+        pipe = build_tiny_pipeline(inpainting=inpainting, layers_per_block=2)
+        pipe.save_pretrained(root / "configs" / family)
+        made[family] = save_sd1_checkpoint(pipe, root / f"my-{family}.safetensors", layers=2)
+    return root, made
+
+
+def fake_checkpoint(path, shapes: dict) -> str:
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(path))
+    return str(path)
+
+
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+@pytest.mark.parametrize("shapes, family", [
+    ({UNET_IN: (32, 4, 3, 3)}, "sd1"),
+    ({UNET_IN: (32, 9, 3, 3)}, "sd1-inpainting"),
+    ({UNET_IN: (32, 4, 3, 3), "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (3072, 1024)}, "sd2"),
+    ({UNET_IN: (32, 9, 3, 3), "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (3072, 1024)},
+     "sd2-inpainting"),
+    ({UNET_IN: (32, 4, 3, 3), "conditioner.embedders.1.model.ln_final.weight": (1280,)}, "sdxl"),
+])
+def test_family_is_detected_from_the_header_alone(tmp_path, shapes, family):
+    path = fake_checkpoint(tmp_path / "m.safetensors", shapes)
+    assert checkpoints.detect(__import__("pathlib").Path(path)).name == family
+
+
+def test_unsupported_family_and_non_checkpoints_are_refused_at_submission(tmp_path):
+    sdxl = fake_checkpoint(tmp_path / "xl.safetensors", {UNET_IN: (32, 4, 3, 3),
+                                                         "conditioner.embedders.1.model.ln_final.weight": (1280,)})
+    with pytest.raises(SpecError, match="model: xl.safetensors is an sdxl checkpoint"):
+        parse_spec({"prompts": ["x"], "model": sdxl})
+    fake_checkpoint(tmp_path / "lora.safetensors", {"lora_unet_down.weight": (4, 4)})
+    with pytest.raises(SpecError, match="holds no Stable Diffusion UNet"):
+        parse_spec({"prompts": ["x"], "model": str(tmp_path / "lora.safetensors")})
+    (tmp_path / "junk.safetensors").write_bytes(struct.pack("<Q", 10) + b"not json!!")
+    with pytest.raises(SpecError, match="not a readable safetensors file"):
+        parse_spec({"prompts": ["x"], "model": str(tmp_path / "junk.safetensors")})
+
+
+def test_inpainting_checkpoint_is_only_for_inpaint(tiny_checkpoints):
+    _, made = tiny_checkpoints
+    with pytest.raises(SpecError, match="is an inpainting model"):
+        parse_spec({"prompts": ["x"], "model": str(made["sd1-inpainting"])})
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd1-inpainting"])
+def test_single_file_renders_exactly_as_the_same_weights_in_a_folder(tiny_checkpoints, tmp_path, family):
+    root, made = tiny_checkpoints
+    cache = ModelCache(tmp_path, torch.device("cpu"), torch.float32, config_override=root / "configs")
+    from_file = cache.get(str(made[family]))
+    from_folder = cache.get(str(root / "configs" / family))
+    assert from_file.name == f"my-{family}" and from_file.hash == model_hash(made[family])
+    assert from_file.inpainting == (family == "sd1-inpainting")
+    mode = "inpaint" if from_file.inpainting else "txt2img"
+    extra = dict(init_image="store:i", mask="store:m", denoising_strength=0.7, mask_blur=2, masked_content="original",
+                 inpaint_area="whole") if mode == "inpaint" else {}
+    item = Item(0, "a red circle", "", 5, "m", mode, "Euler", "Automatic", 4, 7.0, 64, 64, **extra)
+    from PIL import Image
+    fetch = {"store:i": Image.new("RGB", (64, 64), "red"), "store:m": Image.new("L", (64, 64), 255)}.__getitem__
+    a = render.render(from_file, [item], fetch)[0]
+    b = render.render(from_folder, [item], fetch)[0]
+    assert a.tobytes() == b.tobytes()
+
+
+def test_packaged_sd1_config_carries_the_real_clip_tokenizer(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from workers.single_file import config_folder
+
+    folder = config_folder(checkpoints.Family("sd1", False), tmp_path)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    assert len(tokenizer) == 49408
+    # the ids openai/clip-vit-large-patch14 gives this sentence
+    assert tokenizer("a photograph of an astronaut riding a horse").input_ids == [
+        49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
+    assert json.loads((folder / "unet" / "config.json").read_text())["cross_attention_dim"] == 768
+
+
+def test_missing_family_in_operator_configs_is_a_clear_error(tiny_checkpoints, tmp_path):
+    _, made = tiny_checkpoints
+    (tmp_path / "empty").mkdir()
+    cache = ModelCache(tmp_path, torch.device("cpu"), torch.float32, config_override=tmp_path / "empty")
+    with pytest.raises(ModelError, match="no config folder for sd1 in FARM_MODEL_CONFIGS"):
+        cache.get(str(made["sd1"]))

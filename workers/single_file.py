@@ -1,0 +1,77 @@
+"""Load a single-file .safetensors checkpoint (original LDM key layout), offline.
+
+`from_single_file` converts the weights to diffusers' layout, but it needs each
+component's config and the tokenizer files, which it would fetch from the hub.
+farm carries a config-only folder per family (workers/model_configs) and builds the
+real CLIP tokenizer files from the BPE vocabulary shipped beside them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from farm.checkpoints import Family
+from farm.errors import ModelError
+from workers.tiny import bytes_to_unicode
+
+PACKAGED_CONFIGS = Path(__file__).parent / "model_configs"
+BPE_VOCAB = PACKAGED_CONFIGS / "bpe_simple_vocab_16e6.txt.gz"
+#: CLIP's vocabulary: 256 bytes, the same with </w>, these merges, and two specials (49408 in all).
+CLIP_MERGES = 49152 - 256 - 2
+
+
+def clip_tokenizer_files(target: Path) -> None:
+    """vocab.json and merges.txt of the CLIP tokenizer, as CLIP builds them from its BPE file."""
+    lines = gzip.open(BPE_VOCAB, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1:CLIP_MERGES + 1]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (target / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (target / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+    }))
+
+
+def config_folder(family: Family, cache_dir: Path, override: Path | None = None) -> Path:
+    """The config-only folder for a family: the operator's, or the packaged one plus a tokenizer."""
+    if override is not None:
+        folder = override / family.name
+        if not (folder / "model_index.json").is_file():
+            raise ModelError(f"no config folder for {family.name} in FARM_MODEL_CONFIGS ({override})")
+        return folder
+    source = PACKAGED_CONFIGS / family.name
+    if not source.is_dir():
+        raise ModelError(f"farm carries no config for {family.name} checkpoints")
+    target = cache_dir / "configs" / family.name
+    if (target / "tokenizer" / "vocab.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{family.name}-", dir=target.parent))
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        clip_tokenizer_files(staging / "tokenizer")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load(path: Path, family: Family, config: Path, dtype):
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True, torch_dtype=dtype,
+            safety_checker=None, requires_safety_checker=False,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"{path.name} ({family.name}) failed to load: {e}") from e
