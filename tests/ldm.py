@@ -89,8 +89,33 @@ def text_to_ldm(state: dict) -> dict:
     return {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in state.items()}
 
 
-def save_sd1_checkpoint(pipe, path: Path, layers: int) -> Path:
-    state = {**unet_to_ldm(pipe.unet.state_dict(), layers), **vae_to_ldm(pipe.vae.state_dict(), layers),
-             **text_to_ldm(pipe.text_encoder.state_dict())}
+_OPENCLIP = [("embeddings.token_embedding.weight", "token_embedding.weight"),
+             ("embeddings.position_embedding.weight", "positional_embedding"), ("final_layer_norm.", "ln_final."),
+             ("encoder.layers.", "transformer.resblocks."), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")]
+
+
+def openclip_to_ldm(state: dict, prefix: str = "cond_stage_model.model.") -> dict:
+    """OpenCLIP's layout (SD2): q, k and v stacked into one in_proj per layer."""
+    out, qkv = {}, {}
+    for key, value in state.items():
+        key = key.removeprefix("text_model.")
+        if ".self_attn." in key and key.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj"):
+            layer, proj, kind = key.rsplit(".", 2)
+            qkv.setdefault((layer, kind), {})[proj] = value
+            continue
+        for ours, theirs in _OPENCLIP:
+            key = key.replace(ours, theirs)
+        out[prefix + key] = value
+    for (layer, kind), parts in qkv.items():
+        layer = layer.replace("encoder.layers.", "transformer.resblocks.").replace(".self_attn", ".attn")
+        out[f"{prefix}{layer}.in_proj_{kind}"] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    return out
+
+
+def save_sd1_checkpoint(pipe, path: Path, layers: int, openclip: bool = False) -> Path:
+    """SD1 layout; with openclip=True the text encoder in SD2's (OpenCLIP) layout."""
+    text = openclip_to_ldm(pipe.text_encoder.state_dict()) if openclip else text_to_ldm(pipe.text_encoder.state_dict())
+    state = {**unet_to_ldm(pipe.unet.state_dict(), layers), **vae_to_ldm(pipe.vae.state_dict(), layers), **text}
     save_file({k: v.contiguous().to(torch.float32) for k, v in state.items()}, str(path))
     return path

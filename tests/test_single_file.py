@@ -26,11 +26,13 @@ def tiny_checkpoints(tmp_path_factory):
     folder) and as an LDM-layout .safetensors file holding the same weights."""
     root = tmp_path_factory.mktemp("single-file")
     made = {}
-    for family, inpainting in (("sd1", False), ("sd1-inpainting", True)):
+    for family, inpainting in (("sd1", False), ("sd1-inpainting", True), ("sd2", False), ("sd2-inpainting", True)):
         torch.manual_seed(3)
-        pipe = build_tiny_pipeline(inpainting=inpainting, layers_per_block=2)
+        sd2 = family.startswith("sd2")
+        pipe = build_tiny_pipeline(inpainting=inpainting, layers_per_block=2, text_width=1024 if sd2 else 32)
         pipe.save_pretrained(root / "configs" / family)
-        made[family] = save_sd1_checkpoint(pipe, root / f"my-{family}.safetensors", layers=2)
+        made[family] = save_sd1_checkpoint(pipe, root / f"my-{family}.safetensors", layers=2, openclip=sd2)
+        assert checkpoints.detect(made[family]).name == family
     return root, made
 
 
@@ -74,14 +76,16 @@ def test_inpainting_checkpoint_is_only_for_inpaint(tiny_checkpoints):
         parse_spec({"prompts": ["x"], "model": str(made["sd1-inpainting"])})
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd1-inpainting"])
+@pytest.mark.parametrize("family", ["sd1", "sd1-inpainting", "sd2", "sd2-inpainting"])
 def test_single_file_renders_exactly_as_the_same_weights_in_a_folder(tiny_checkpoints, tmp_path, family):
     root, made = tiny_checkpoints
     cache = ModelCache(tmp_path, torch.device("cpu"), torch.float32, config_override=root / "configs")
     from_file = cache.get(str(made[family]))
     from_folder = cache.get(str(root / "configs" / family))
+    # SD2's prediction type comes from the webui's test of the UNet; give the folder the same answer.
+    from_folder.scheduler_config = from_file.scheduler_config
     assert from_file.name == f"my-{family}" and from_file.hash == model_hash(made[family])
-    assert from_file.inpainting == (family == "sd1-inpainting")
+    assert from_file.inpainting == family.endswith("inpainting")
     mode = "inpaint" if from_file.inpainting else "txt2img"
     extra = dict(init_image="store:i", mask="store:m", denoising_strength=0.7, mask_blur=2, masked_content="original",
                  inpaint_area="whole") if mode == "inpaint" else {}
@@ -113,3 +117,32 @@ def test_missing_family_in_operator_configs_is_a_clear_error(tiny_checkpoints, t
     cache = ModelCache(tmp_path, torch.device("cpu"), torch.float32, config_override=tmp_path / "empty")
     with pytest.raises(ModelError, match="no config folder for sd1 in FARM_MODEL_CONFIGS"):
         cache.get(str(made["sd1"]))
+
+
+def test_sd2_prediction_type_follows_the_webui_unet_test():
+    from types import SimpleNamespace
+
+    from workers.single_file import predicts_velocity
+
+    class FakeUnet:
+        dtype, device = torch.float32, torch.device("cpu")
+        config = SimpleNamespace(cross_attention_dim=1024, in_channels=4)
+
+        def __init__(self, shift):
+            self.shift = shift
+
+        def __call__(self, x, t, encoder_hidden_states):
+            assert t.item() == 999 and encoder_hidden_states.shape == (1, 77, 1024)
+            return SimpleNamespace(sample=x + self.shift)
+
+    assert predicts_velocity(FakeUnet(-2.0)) is True
+    assert predicts_velocity(FakeUnet(0.3)) is False
+
+
+def test_sd2_config_pads_with_openclips_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from workers.single_file import config_folder
+
+    tokenizer = CLIPTokenizer.from_pretrained(config_folder(checkpoints.Family("sd2", False), tmp_path) / "tokenizer")
+    assert tokenizer.pad_token == "!" and tokenizer.pad_token_id == 0

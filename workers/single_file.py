@@ -24,8 +24,9 @@ BPE_VOCAB = PACKAGED_CONFIGS / "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MERGES = 49152 - 256 - 2
 
 
-def clip_tokenizer_files(target: Path) -> None:
-    """vocab.json and merges.txt of the CLIP tokenizer, as CLIP builds them from its BPE file."""
+def clip_tokenizer_files(target: Path, pad_token: str = "<|endoftext|>") -> None:
+    """vocab.json and merges.txt of the CLIP tokenizer, as CLIP builds them from its BPE file.
+    OpenCLIP (SD2's text encoder) pads with "!" (id 0) where OpenAI's CLIP pads with its end token."""
     lines = gzip.open(BPE_VOCAB, "rt", encoding="utf-8").read().split("\n")
     merges = lines[1:CLIP_MERGES + 1]
     symbols = list(bytes_to_unicode().values())
@@ -36,7 +37,7 @@ def clip_tokenizer_files(target: Path) -> None:
     (target / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (target / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token,
     }))
 
 
@@ -57,7 +58,7 @@ def config_folder(family: Family, cache_dir: Path, override: Path | None = None)
     staging = Path(tempfile.mkdtemp(prefix=f".{family.name}-", dir=target.parent))
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True)
-        clip_tokenizer_files(staging / "tokenizer")
+        clip_tokenizer_files(staging / "tokenizer", pad_token="!" if family.base == "sd2" else "<|endoftext|>")
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     finally:
@@ -69,9 +70,28 @@ def load(path: Path, family: Family, config: Path, dtype):
     from diffusers import StableDiffusionPipeline
 
     try:
-        return StableDiffusionPipeline.from_single_file(
+        pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config), local_files_only=True, torch_dtype=dtype,
             safety_checker=None, requires_safety_checker=False,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"{path.name} ({family.name}) failed to load: {e}") from e
+    if family.base == "sd2":
+        prediction = "v_prediction" if predicts_velocity(pipe.unet) else "epsilon"
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)
+    return pipe
+
+
+def predicts_velocity(unet) -> bool:
+    """The webui's test (`is_using_v_parameterization_for_sd2`): SD2 768-v and 512-base share one
+    key layout, and only the UNet's answer to a fixed input tells them apart."""
+    import torch
+
+    dtype = unet.dtype
+    x = torch.full((1, 4, 8, 8), 0.5, device=unet.device, dtype=dtype)
+    context = torch.full((1, 77, unet.config.cross_attention_dim), 0.5, device=unet.device, dtype=dtype)
+    if unet.config.in_channels == 9:
+        x = torch.cat([x, torch.zeros((1, 5, 8, 8), device=unet.device, dtype=dtype)], dim=1)
+    with torch.inference_mode():
+        out = unet(x, torch.tensor([999], device=unet.device), encoder_hidden_states=context).sample
+    return bool((out.float() - x[:, :4].float()).mean() < -1)

@@ -76,7 +76,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def build_tiny_pipeline(inpainting: bool = False, layers_per_block: int = 1):
+def build_tiny_pipeline(inpainting: bool = False, layers_per_block: int = 1, text_width: int = 32):
+    """`text_width` 1024 gives an SD2-shaped text encoder (what identifies SD2 in a checkpoint)."""
     from diffusers import (
         AutoencoderKL,
         EulerAncestralDiscreteScheduler,
@@ -95,8 +96,9 @@ def build_tiny_pipeline(inpainting: bool = False, layers_per_block: int = 1):
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=layers_per_block,
         attention_head_dim=8,
-        cross_attention_dim=32,
+        cross_attention_dim=text_width,
         norm_num_groups=32,
+        use_linear_projection=text_width != 32,
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -114,13 +116,13 @@ def build_tiny_pipeline(inpainting: bool = False, layers_per_block: int = 1):
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            hidden_size=32,
+            hidden_size=text_width,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=77,
             vocab_size=len(vocab),
-            hidden_act="quick_gelu",
+            hidden_act="quick_gelu" if text_width == 32 else "gelu",
             bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"],
