@@ -15,7 +15,7 @@ from pathlib import Path
 from farm.errors import ModelError
 
 #: Families farm can load from a single file, with the config folder each needs.
-SUPPORTED = ("sd1", "sd1-inpainting", "sd2", "sd2-inpainting")
+SUPPORTED = ("sd1", "sd1-inpainting", "sd2", "sd2-inpainting", "sdxl", "sdxl-inpainting")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _SDXL_KEY = "conditioner.embedders.1.model.ln_final.weight"

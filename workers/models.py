@@ -33,6 +33,11 @@ PIPELINES = {
     "img2img": "StableDiffusionImg2ImgPipeline",
     "inpaint": "StableDiffusionInpaintPipeline",
 }
+XL_PIPELINES = {
+    "txt2img": "StableDiffusionXLPipeline",
+    "img2img": "StableDiffusionXLImg2ImgPipeline",
+    "inpaint": "StableDiffusionXLInpaintPipeline",
+}
 
 
 @dataclass
@@ -56,10 +61,15 @@ class LoadedModel:
 
             # from_pipe casts every shared module to float32 unless told otherwise,
             # which would turn the model's own fp16 pipeline to fp32 too.
-            pipe = getattr(diffusers, PIPELINES[mode]).from_pipe(self.pipe, dtype=self.pipe.unet.dtype)
+            classes = XL_PIPELINES if self.xl else PIPELINES
+            pipe = getattr(diffusers, classes[mode]).from_pipe(self.pipe, dtype=self.pipe.unet.dtype)
             pipe.set_progress_bar_config(disable=True)
             self._pipes[mode] = pipe
         return self._pipes[mode]
+
+    @property
+    def xl(self) -> bool:
+        return "XL" in type(self.pipe).__name__
 
     @property
     def inpainting(self) -> bool:
@@ -87,6 +97,15 @@ class LoadedVae:
     name: str
     hash: str
     module: object
+
+
+def _is_xl_folder(path: Path) -> bool:
+    import json
+
+    try:
+        return "XL" in json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        return False
 
 
 class ModelCache:
@@ -161,18 +180,19 @@ class ModelCache:
         return path, path.name
 
     def _load(self, ref: str) -> LoadedModel:
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
         path, name = self._resolve(ref)
         started = time.perf_counter()
         if path.is_file():
             pipe = self._load_single_file(path)
         else:
+            xl = _is_xl_folder(path)
+            cls = diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
+            no_checker = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
             try:
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    path, dtype=self.dtype, local_files_only=True, use_safetensors=True,
-                    safety_checker=None, requires_safety_checker=False,
-                )
+                pipe = cls.from_pretrained(path, dtype=self.dtype, local_files_only=True, use_safetensors=True,
+                                           **no_checker)
             except (OSError, ValueError, EnvironmentError) as e:
                 raise ModelError(f"model {ref!r} failed to load: {e}") from e
         pipe = pipe.to(self.device)

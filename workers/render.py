@@ -29,9 +29,14 @@ def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
     pipe = model.pipeline(mode)
     pipe.scheduler = make_scheduler(model.scheduler_config, first.sampler, first.schedule_type)
     pipe.vae = vae.module if vae is not None else model.own_vae
-    with torch.inference_mode():
-        text = prompts.embeddings(pipe, [item.prompt for item in items], [item.negative_prompt for item in items],
-                                  first.clip_skip)
+    positive, negative = [item.prompt for item in items], [item.negative_prompt for item in items]
+    if model.xl:
+        # SDXL's own encode path takes hidden states without touching text_model, so it works;
+        # diffusers counts skipped layers from its default (the webui's "Clip skip 1").
+        text = {"prompt": positive, "negative_prompt": negative, "clip_skip": first.clip_skip - 1 or None}
+    else:
+        with torch.inference_mode():
+            text = prompts.embeddings(pipe, positive, negative, first.clip_skip)
     common = dict(
         **text,
         guidance_scale=first.cfg_scale,

@@ -59,6 +59,8 @@ def config_folder(family: Family, cache_dir: Path, override: Path | None = None)
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True)
         clip_tokenizer_files(staging / "tokenizer", pad_token="!" if family.base == "sd2" else "<|endoftext|>")
+        if family.base == "sdxl":
+            clip_tokenizer_files(staging / "tokenizer_2", pad_token="!")  # its OpenCLIP-bigG encoder
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     finally:
@@ -67,13 +69,14 @@ def config_folder(family: Family, cache_dir: Path, override: Path | None = None)
 
 
 def load(path: Path, family: Family, config: Path, dtype):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    xl = family.base == "sdxl"
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    no_checker = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, torch_dtype=dtype,
-            safety_checker=None, requires_safety_checker=False,
-        )
+        pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype,
+                                    **no_checker)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"{path.name} ({family.name}) failed to load: {e}") from e
     if family.base == "sd2":
