@@ -52,12 +52,17 @@ def header(path: Path) -> dict:
 
 
 def detect(path: Path) -> Family:
-    table = header(path)
-    if _UNET_IN not in table:
-        raise ModelError(f"{path.name} holds no Stable Diffusion UNet in the original (LDM) key layout")
-    inpainting = table[_UNET_IN]["shape"][1] == 9
-    if _SDXL_KEY in table:
+    """The family of a .safetensors checkpoint, from its header."""
+    return family_from_shapes({name: entry["shape"] for name, entry in header(path).items()}, path.name)
+
+
+def family_from_shapes(shapes: dict, name: str) -> Family:
+    """The webui's rules, over tensor names and shapes."""
+    if _UNET_IN not in shapes:
+        raise ModelError(f"{name} holds no Stable Diffusion UNet in the original (LDM) key layout")
+    inpainting = shapes[_UNET_IN][1] == 9
+    if _SDXL_KEY in shapes:
         return Family("sdxl", inpainting)
-    if _SD2_KEY in table and table[_SD2_KEY]["shape"][1] == 1024:
+    if _SD2_KEY in shapes and shapes[_SD2_KEY][1] == 1024:
         return Family("sd2", inpainting)
     return Family("sd1", inpainting)

@@ -114,7 +114,7 @@ def run(
     from farm.embedded import RedisServer, start_workers, stop_workers, wait_for_workers
 
     with _errors():
-        job = load_spec(spec)
+        job = load_spec(spec, Settings.from_env().allow_pickle)
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="farm-run-") as tmp, RedisServer(Path(tmp) / "redis") as server:
             settings = Settings.from_env().with_overrides(broker_url=server.url, store=str(out_dir.resolve()))
@@ -173,7 +173,7 @@ def submit(
         settings = _settings(broker, store, endpoint_url)
         if not settings.broker_url:
             raise ValueError("no broker: set FARM_BROKER_URL or pass --broker")
-        job = _spec_from_args(spec, from_image, model)
+        job = _spec_from_args(spec, from_image, model, settings.allow_pickle)
         submitted = do_submit(job, settings, user=user)
         typer.echo(submitted.job_id)
         if wait:
@@ -181,19 +181,19 @@ def submit(
             raise typer.Exit(_finish_code(status))
 
 
-def _spec_from_args(spec: Optional[Path], from_image: Optional[Path], model: Optional[str]):
+def _spec_from_args(spec: Optional[Path], from_image: Optional[Path], model: Optional[str], allow_pickle: bool):
     from farm.reproduce import spec_from_image
     from farm.spec import parse_spec
 
     if (spec is None) == (from_image is None):
         raise ValueError("give a spec file or --from-image IMAGE.png (one of them)")
     if from_image is None:
-        return load_spec(spec)
+        return load_spec(spec, allow_pickle)
     try:
         data = from_image.read_bytes()
     except OSError as e:
         raise ValueError(f"cannot read {from_image}: {e.strerror or e}") from None
-    return parse_spec(spec_from_image(data, model))
+    return parse_spec(spec_from_image(data, model), allow_pickle=allow_pickle)
 
 
 def _board(broker: Optional[str]) -> JobBoard:

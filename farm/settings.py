@@ -31,6 +31,9 @@ class Settings:
     cache_dir: Path = field(default_factory=_default_cache_dir)
     #: Config folders for single-file checkpoints, one per family; None uses farm's own.
     model_configs: Path | None = None
+    #: Load .ckpt/.pt checkpoints (Python pickles) at all. Off: refused by name, unread.
+    #: On: read with torch's restricted unpickler (weights only), as the webui does.
+    allow_pickle: bool = False
     #: "auto" picks CUDA when present, else CPU; or any torch device string.
     device: str = "auto"
     #: Seconds a delivered message may go without its lease renewed before the
@@ -50,6 +53,8 @@ class Settings:
             "device": env.get("FARM_DEVICE") or "auto",
             "queue": env.get("FARM_QUEUE") or "farm.render",
         }
+        if env.get("FARM_ALLOW_PICKLE_CHECKPOINTS", "").lower() in ("1", "true", "yes"):
+            kwargs["allow_pickle"] = True
         if env.get("FARM_MODEL_CONFIGS"):
             kwargs["model_configs"] = Path(env["FARM_MODEL_CONFIGS"])
         if env.get("FARM_CACHE_DIR"):
@@ -72,6 +77,8 @@ class Settings:
         }
         if self.model_configs:
             env["FARM_MODEL_CONFIGS"] = str(self.model_configs)
+        if self.allow_pickle:
+            env["FARM_ALLOW_PICKLE_CHECKPOINTS"] = "1"
         if self.broker_url:
             env["FARM_BROKER_URL"] = self.broker_url
         if self.store:

@@ -25,6 +25,7 @@ from pydantic import (
     Tag,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -111,13 +112,13 @@ def _schedule_name(value: str) -> str:
     return value
 
 
-def _model(value: str) -> str:
+def _model(value: str, info: ValidationInfo) -> str:
     if not value:
         raise ValueError("must name a built-in model or a local model folder/file")
-    if value.lower().endswith(PICKLE_SUFFIXES):
+    if value.lower().endswith(PICKLE_SUFFIXES) and not (info.context or {}).get("allow_pickle"):
         raise ValueError(
-            f"{Path(value).name} is a pickle checkpoint, which can run code when loaded; "
-            "farm loads .safetensors files and diffusers folders only"
+            f"{Path(value).name} is a pickle checkpoint, which can run code when loaded; farm loads "
+            ".safetensors files and diffusers folders (an operator may set FARM_ALLOW_PICKLE_CHECKPOINTS=1)"
         )
     return value
 
@@ -441,8 +442,9 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_spec(data: Any, base_dir: Path | None = None) -> JobSpec:
-    """Validate a decoded spec (a dict from TOML or JSON) into a JobSpec."""
+def parse_spec(data: Any, base_dir: Path | None = None, allow_pickle: bool = False) -> JobSpec:
+    """Validate a decoded spec (a dict from TOML or JSON) into a JobSpec. `allow_pickle` is the
+    operator's opt-in to pickle checkpoints (Settings.allow_pickle)."""
     if not isinstance(data, dict):
         raise SpecError.single("spec", f"must be a table of keys, got {type(data).__name__}")
     data = dict(data)
@@ -453,13 +455,14 @@ def parse_spec(data: Any, base_dir: Path | None = None) -> JobSpec:
         if schedule:
             data["sampler"], data["schedule_type"] = sampler, schedule
     model = data.get("model")
-    if isinstance(model, str) and model and model not in BUILTIN_MODELS and not model.lower().endswith(PICKLE_SUFFIXES):
+    pickled = isinstance(model, str) and model.lower().endswith(PICKLE_SUFFIXES)
+    if isinstance(model, str) and model and model not in BUILTIN_MODELS and (allow_pickle or not pickled):
         data["model"] = _resolve_model_path(model, base_dir or Path.cwd())
     vae = data.get("vae")
     if isinstance(vae, str) and vae and not vae.lower().endswith(PICKLE_SUFFIXES):
         data["vae"] = _resolve_model_path(vae, base_dir or Path.cwd(), "vae")
     try:
-        spec = JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data, context={"allow_pickle": allow_pickle})
     except ValidationError as e:
         raise SpecError(_problems(e)) from None
     return _with_checked_images(spec, base_dir or Path.cwd())
@@ -546,6 +549,8 @@ def _resolve_model_path(model: str, base_dir: Path, field: str = "model") -> str
 
 
 def _check_checkpoint(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return  # allowed by the operator; only the worker may unpickle it, to find its family
     if path.suffix.lower() != ".safetensors":
         raise SpecError.single("model", f"{path.name}: a model is a diffusers folder or a .safetensors checkpoint")
     try:
@@ -557,7 +562,7 @@ def _check_checkpoint(path: Path) -> None:
                                         f"{', '.join(checkpoints.SUPPORTED)} so far (a diffusers folder of any family works)")
 
 
-def load_spec(path: str | Path) -> JobSpec:
+def load_spec(path: str | Path, allow_pickle: bool = False) -> JobSpec:
     """Read and validate a spec file; TOML unless its name ends in .json."""
     path = Path(path)
     try:
@@ -566,7 +571,7 @@ def load_spec(path: str | Path) -> JobSpec:
         raise SpecError.single("spec", f"cannot read {path}: {e.strerror or e}") from None
     if len(raw) > MAX_SPEC_BYTES:
         raise SpecError.single("spec", f"{path} is {len(raw)} bytes; at most {MAX_SPEC_BYTES}")
-    return parse_spec(decode_spec(raw, json_format=path.suffix.lower() == ".json"), path.parent)
+    return parse_spec(decode_spec(raw, json_format=path.suffix.lower() == ".json"), path.parent, allow_pickle)
 
 
 def decode_spec(raw: bytes, json_format: bool = False) -> Any:

@@ -64,11 +64,9 @@ def test_txt2img_equals_direct_pipeline_call_for_every_sampler(models, sampler, 
     items = [item(0, sampler=sampler, schedule_type=schedule), item(1, sampler=sampler, schedule_type=schedule)]
     farm = render.render(model, items, fetch=None)
 
-    resolved, concrete = samplers.resolve(sampler, schedule)
     pipe = diffusers.StableDiffusionPipeline(**model.pipe.components)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = getattr(diffusers, resolved.scheduler_class).from_config(
-        model.scheduler_config, **resolved.options, **samplers.SCHEDULE_FLAGS[concrete])
+    pipe.scheduler = _direct_scheduler(model, sampler, schedule)
     latents = torch.stack([torch.randn((4, H // 8, W // 8), generator=torch.Generator().manual_seed(s)) for s in (100, 101)])
     direct = pipe(prompt=["a red circle"] * 2, negative_prompt=["blurry"] * 2, num_inference_steps=6, guidance_scale=7.0,
                   width=W, height=H, latents=latents,
@@ -78,33 +76,42 @@ def test_txt2img_equals_direct_pipeline_call_for_every_sampler(models, sampler, 
         assert not np.isnan(np.asarray(a, dtype=np.float32)).any()
 
 
-def test_img2img_equals_direct_pipeline_call(models, inputs):
+def _direct_scheduler(model, sampler, schedule):
+    resolved, concrete = samplers.resolve(sampler, schedule)
+    return getattr(diffusers, resolved.scheduler_class).from_config(
+        model.scheduler_config, **resolved.options, **samplers.SCHEDULE_FLAGS[concrete])
+
+
+@pytest.mark.parametrize("sampler, schedule", list(accepted_combinations()))
+def test_img2img_equals_direct_pipeline_call(models, inputs, sampler, schedule):
     model = models.get("tiny-sd")
-    items = [item(0, "img2img", resize_mode=1), item(1, "img2img", resize_mode=1)]
+    items = [item(i, "img2img", resize_mode=1, sampler=sampler, schedule_type=schedule, steps=4) for i in range(2)]
     farm = render.render(model, items, inputs.__getitem__)
 
     init = images.resize_image(1, inputs["store:init"], W, H)
     pipe = diffusers.StableDiffusionImg2ImgPipeline(**model.pipe.components)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(model.scheduler_config)
+    pipe.scheduler = _direct_scheduler(model, sampler, schedule)
+    # 4 steps at strength 0.6: the webui runs int(0.6 * 4) + 1 = 3 of them
     direct = pipe(prompt=["a red circle"] * 2, negative_prompt=["blurry"] * 2, image=[init, init],
-                  strength=(4 + 0.5) / 6, num_inference_steps=6, guidance_scale=7.0,
+                  strength=(3 + 0.5) / 4, num_inference_steps=4, guidance_scale=7.0,
                   generator=[torch.Generator().manual_seed(s) for s in (100, 101)]).images
     assert [a.tobytes() for a in farm] == [b.tobytes() for b in direct]
 
 
-def test_inpaint_equals_direct_pipeline_call_with_the_webui_overlay(models, inputs):
+@pytest.mark.parametrize("sampler, schedule", list(accepted_combinations()))
+def test_inpaint_equals_direct_pipeline_call_with_the_webui_overlay(models, inputs, sampler, schedule):
     model = models.get("tiny-sd")
-    items = [item(0, "inpaint"), item(1, "inpaint")]
+    items = [item(i, "inpaint", sampler=sampler, schedule_type=schedule, steps=4) for i in range(2)]
     farm = render.render(model, items, inputs.__getitem__)
 
     init = images.resize_image(0, inputs["store:init"], W, H)
     mask = images.prepare_mask(inputs["store:mask"], (W, H), invert=False, blur=4)
     pipe = diffusers.StableDiffusionInpaintPipeline(**model.pipe.components)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(model.scheduler_config)
+    pipe.scheduler = _direct_scheduler(model, sampler, schedule)
     direct = pipe(prompt=["a red circle"] * 2, negative_prompt=["blurry"] * 2, image=[init, init], mask_image=[mask, mask],
-                  width=W, height=H, strength=(4 + 0.5) / 6, num_inference_steps=6, guidance_scale=7.0,
+                  width=W, height=H, strength=(3 + 0.5) / 4, num_inference_steps=4, guidance_scale=7.0,
                   generator=[torch.Generator().manual_seed(s) for s in (100, 101)]).images
     overlay = Image.fromarray(np.clip(np.asarray(mask, dtype=np.float32) * 2, 0, 255).astype(np.uint8))
     expected = [pipe.image_processor.apply_overlay(overlay, init, image) for image in direct]

@@ -173,3 +173,40 @@ def test_sdxl_checkpoint_runs_img2img_hires_and_clip_skip(tiny_checkpoints, tmp_
     skipped = render.render(model, [Item(0, mode="txt2img", clip_skip=2, **base)], fetch)[0]
     assert img2img[0].size == (64, 64) and hires[0].size == (96, 96)
     assert plain.tobytes() != skipped.tobytes()
+
+
+def test_pickle_checkpoint_loads_only_with_the_operators_opt_in(tiny_checkpoints, tmp_path):
+    from safetensors.torch import load_file
+
+    root, made = tiny_checkpoints
+    ckpt = tmp_path / "old-style.ckpt"
+    torch.save({"state_dict": load_file(str(made["sd1"]))}, ckpt)
+    with pytest.raises(SpecError, match="is a pickle checkpoint"):
+        parse_spec({"prompts": ["x"], "model": str(ckpt)})
+    assert parse_spec({"prompts": ["x"], "model": str(ckpt)}, allow_pickle=True).model == str(ckpt)
+    refusing = ModelCache(tmp_path, torch.device("cpu"), torch.float32, config_override=root / "configs")
+    with pytest.raises(ModelError, match="FARM_ALLOW_PICKLE_CHECKPOINTS"):
+        refusing.get(str(ckpt))
+    allowing = ModelCache(tmp_path, torch.device("cpu"), torch.float32, config_override=root / "configs",
+                          allow_pickle=True)
+    model = allowing.get(str(ckpt))
+    assert model.name == "old-style" and not model.inpainting
+    item = Item(0, "a red circle", "", 5, "m", "txt2img", "Euler", "Automatic", 3, 7.0, 64, 64)
+    assert render.render(model, [item], None)[0].size == (64, 64)
+
+
+def test_even_with_the_opt_in_a_pickle_that_runs_code_is_refused(tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(pickle.dumps({"state_dict": Boom()}))
+    cache = ModelCache(tmp_path, torch.device("cpu"), torch.float32, allow_pickle=True)
+    with pytest.raises(ModelError, match="refused by the restricted unpickler"):
+        cache.get(str(path))
+    assert not marker.exists()

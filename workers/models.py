@@ -110,8 +110,10 @@ def _is_xl_folder(path: Path) -> bool:
 
 class ModelCache:
     def __init__(self, cache_dir: Path, device: torch.device, dtype: torch.dtype, capacity: int = 2,
-                 config_override: Path | None = None):
+                 config_override: Path | None = None, allow_pickle: bool = False):
         self.cache_dir = cache_dir
+        #: FARM_ALLOW_PICKLE_CHECKPOINTS: the operator's opt-in to .ckpt/.pt files.
+        self.allow_pickle = allow_pickle
         #: FARM_MODEL_CONFIGS: config folders for single-file checkpoints, replacing farm's own.
         self.config_override = config_override
         self.device = device
@@ -156,9 +158,12 @@ class ModelCache:
         return self._vaes[ref]
 
     def _load_single_file(self, path: Path):
-        if path.suffix.lower() != ".safetensors":
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            family = single_file.detect_pickled(path)
+        elif path.suffix.lower() == ".safetensors":
+            family = checkpoints.detect(path)
+        else:
             raise ModelError(f"model {path.name}: a single-file checkpoint must be .safetensors")
-        family = checkpoints.detect(path)
         if not family.supported:
             raise ModelError(f"{path.name} is an {family.name} checkpoint; from single files farm loads "
                              f"{', '.join(checkpoints.SUPPORTED)} so far")
@@ -171,8 +176,9 @@ class ModelCache:
         path = Path(ref)
         if not path.exists():
             raise ModelError(f"model {ref!r} not found on this worker")
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise ModelError(f"model {ref!r} is a pickle checkpoint; farm loads safetensors and diffusers folders only")
+        if path.suffix.lower() in PICKLE_SUFFIXES and not self.allow_pickle:
+            raise ModelError(f"model {ref!r} is a pickle checkpoint; farm loads safetensors and diffusers folders "
+                             "only, unless the operator sets FARM_ALLOW_PICKLE_CHECKPOINTS=1")
         if path.is_file():
             return path, path.stem
         if not (path / "model_index.json").is_file():

@@ -43,7 +43,8 @@ class Runtime:
             settings=settings,
             device=device,
             device_name=describe(device),
-            models=ModelCache(settings.cache_dir, device, dtype_for(device), config_override=settings.model_configs),
+            models=ModelCache(settings.cache_dir, device, dtype_for(device), config_override=settings.model_configs,
+                              allow_pickle=settings.allow_pickle),
             redis=client,
             board=JobBoard(client),
         )

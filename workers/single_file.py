@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from farm.checkpoints import Family
+from farm.checkpoints import Family, family_from_shapes
 from farm.errors import ModelError
 from workers.tiny import bytes_to_unicode
 
@@ -66,6 +66,25 @@ def config_folder(family: Family, cache_dir: Path, override: Path | None = None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def detect_pickled(path: Path) -> Family:
+    """The family of a .ckpt/.pt checkpoint the operator allowed. torch's restricted unpickler
+    (weights_only) rebuilds tensors and plain containers only, as the webui's allow-list does;
+    diffusers loads the file the same way."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+        raise ModelError(f"{path.name} was refused by the restricted unpickler: {e}") from None
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path.name} holds no state dict")
+    return family_from_shapes({k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}, path.name)
 
 
 def load(path: Path, family: Family, config: Path, dtype):
