@@ -53,7 +53,7 @@ MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 #: Fields that mean something only with an init image, and those only for inpaint.
 _IMAGE_FIELDS = ("init_image", "denoising_strength", "fix_steps", "resize_mode")
 _INPAINT_FIELDS = ("mask", "mask_blur", "masked_content", "inpaint_area", "padding", "invert_mask")
-_TXT2IMG_ONLY = ("variation_seed", "variation_strength", "resize_seed_from", "hires")
+_TXT2IMG_ONLY = ("hires",)
 
 
 def _range(lo: int, hi: int):
@@ -232,7 +232,7 @@ class JobSpec(BaseModel):
     #: A VAE that replaces the model's own: a diffusers AutoencoderKL folder.
     vae: Annotated[str, AfterValidator(_model)] | None = None
     hires: Hires | None = None
-    # Seeds beyond the plain seed, as the webui's "Extra" seed options (txt2img).
+    # Seeds beyond the plain seed, as the webui's "Extra" seed options.
     variation_seed: Seed | None = None
     variation_strength: Strength = 0.0
     resize_seed_from: Annotated[list[Side], Field(min_length=2, max_length=2)] | None = None

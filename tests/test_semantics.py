@@ -76,6 +76,23 @@ def test_txt2img_equals_direct_pipeline_call_for_every_sampler(models, sampler, 
         assert not np.isnan(np.asarray(a, dtype=np.float32)).any()
 
 
+def _seed_noise(seeds, size=(W, H)):
+    """Each seed's own latent noise, drawn alone on the CPU: the noise the webui uses in every mode."""
+    return torch.stack([torch.randn((4, size[1] // 8, size[0] // 8), generator=torch.Generator().manual_seed(s))
+                        for s in seeds])
+
+
+def _noised_with_seed_noise(pipe, seeds, monkeypatch):
+    """The pipeline, unchanged but for the noise that img2img adds to the encoded image: each
+    seed's own, not the generator's next draw after it sampled the VAE."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[type(pipe).__module__], "randn_tensor",
+                        lambda shape, generator=None, device=None, dtype=None, layout=None:
+                        _seed_noise(seeds).to(device, dtype))
+    return pipe
+
+
 def _direct_scheduler(model, sampler, schedule):
     resolved, concrete = samplers.resolve(sampler, schedule)
     return getattr(diffusers, resolved.scheduler_class).from_config(
@@ -83,13 +100,14 @@ def _direct_scheduler(model, sampler, schedule):
 
 
 @pytest.mark.parametrize("sampler, schedule", list(accepted_combinations()))
-def test_img2img_equals_direct_pipeline_call(models, inputs, sampler, schedule):
+def test_img2img_equals_direct_pipeline_call(models, inputs, sampler, schedule, monkeypatch):
     model = models.get("tiny-sd")
     items = [item(i, "img2img", resize_mode=1, sampler=sampler, schedule_type=schedule, steps=4) for i in range(2)]
     farm = render.render(model, items, inputs.__getitem__)
 
     init = images.resize_image(1, inputs["store:init"], W, H)
-    pipe = diffusers.StableDiffusionImg2ImgPipeline(**model.pipe.components)
+    pipe = _noised_with_seed_noise(diffusers.StableDiffusionImg2ImgPipeline(**model.pipe.components), (100, 101),
+                                   monkeypatch)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = _direct_scheduler(model, sampler, schedule)
     # 4 steps at strength 0.6: the webui runs int(0.6 * 4) + 1 = 3 of them
@@ -100,14 +118,15 @@ def test_img2img_equals_direct_pipeline_call(models, inputs, sampler, schedule):
 
 
 @pytest.mark.parametrize("sampler, schedule", list(accepted_combinations()))
-def test_inpaint_equals_direct_pipeline_call_with_the_webui_overlay(models, inputs, sampler, schedule):
+def test_inpaint_equals_direct_pipeline_call_with_the_webui_overlay(models, inputs, sampler, schedule, monkeypatch):
     model = models.get("tiny-sd")
     items = [item(i, "inpaint", sampler=sampler, schedule_type=schedule, steps=4) for i in range(2)]
     farm = render.render(model, items, inputs.__getitem__)
 
     init = images.resize_image(0, inputs["store:init"], W, H)
     mask = images.prepare_mask(inputs["store:mask"], (W, H), invert=False, blur=4)
-    pipe = diffusers.StableDiffusionInpaintPipeline(**model.pipe.components)
+    pipe = _noised_with_seed_noise(diffusers.StableDiffusionInpaintPipeline(**model.pipe.components), (100, 101),
+                                   monkeypatch)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = _direct_scheduler(model, sampler, schedule)
     direct = pipe(prompt=["a red circle"] * 2, negative_prompt=["blurry"] * 2, image=[init, init], mask_image=[mask, mask],
@@ -208,6 +227,16 @@ def test_batch_plan_reproduces_bytes_and_batch_size_changes_only_rounding(models
     assert [a.tobytes() for a in batched] == [b.tobytes() for b in again]
     for a, b in zip(batched, single):
         assert np.abs(pixels(a) - pixels(b)).max() <= 2
+
+
+def test_variation_seed_applies_in_img2img_and_inpaint(models, inputs):
+    model = models.get("tiny-sd")
+    for mode in ("img2img", "inpaint"):
+        plain = render.render(model, [item(0, mode)], inputs.__getitem__)[0]
+        zero = render.render(model, [item(0, mode, variation_seed=9, variation_strength=0.0)], inputs.__getitem__)[0]
+        varied = render.render(model, [item(0, mode, variation_seed=9, variation_strength=0.5)], inputs.__getitem__)[0]
+        assert plain.tobytes() == zero.tobytes()  # strength 0 is the seed's own noise
+        assert varied.tobytes() != plain.tobytes()
 
 
 def test_noise_depends_on_the_seed_alone_and_variation_blends_by_slerp():

@@ -164,8 +164,6 @@ IMAGE_BAD = [
     ("resize_mode: must be 0-3", {"mode": "img2img", "init_image": "init.png", "resize_mode": 4}),
     ("masked_content: Input should be 'fill', 'original', 'latent noise' or 'latent nothing'",
      {"mode": "inpaint", "init_image": "init.png", "mask": "mask.png", "masked_content": "noise"}),
-    ("variation_seed: supported for mode = \"txt2img\" only", {"mode": "img2img", "init_image": "init.png",
-                                                               "variation_seed": 3, "variation_strength": 0.2}),
     ("model: evil.ckpt is a pickle checkpoint", {"model": "evil.ckpt"}),
     ("model: tiny-sd-inpaint is an inpainting model", {"model": "tiny-sd-inpaint"}),
     ("hires.scale: 1024x1024 scaled by 4 is 4096x4096", {"width": 1024, "height": 1024, "hires": {"scale": 4.0}}),

@@ -1,4 +1,4 @@
-"""Initial latent noise exactly as the webui draws it (`processing.create_random_tensors`).
+"""Latent noise exactly as the webui draws it (`processing.create_random_tensors`), in every mode.
 
 Each image's noise is drawn alone, on the CPU in float32, from a generator seeded
 with its seed, so it depends on the seed alone: not on the device, the batch size
@@ -34,8 +34,10 @@ def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
 
 
-def item_noise(item: Item) -> torch.Tensor:
-    shape = (LATENT_CHANNELS, item.height // VAE_SCALE, item.width // VAE_SCALE)
+def item_noise(item: Item, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The item's noise at its own size, or at `size` (W, H), as hires fix's second pass draws it."""
+    width, height = size or (item.width, item.height)
+    shape = (LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE)
     if item.resize_seed_from:
         w0, h0 = item.resize_seed_from
         noise_shape = (LATENT_CHANNELS, h0 // VAE_SCALE, w0 // VAE_SCALE)
@@ -60,8 +62,8 @@ def _paste_centred(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def batch_noise(items: Sequence[Item]) -> torch.Tensor:
-    return torch.stack([item_noise(item) for item in items])
+def batch_noise(items: Sequence[Item], size: tuple[int, int] | None = None) -> torch.Tensor:
+    return torch.stack([item_noise(item, size) for item in items])
 
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:

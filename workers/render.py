@@ -7,6 +7,7 @@ own seed: its own initial noise and its own CPU generator.
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Sequence
 
 import torch
@@ -50,15 +51,17 @@ def txt2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch | None = Non
     pipe, first, common = _prepared(model, "txt2img", items, vae)
     latents = noise.batch_noise(items).to(pipe.device, pipe.unet.dtype)
     if first.hires:
-        return _hires(model, pipe, first, common, latents, vae)
+        return _hires(model, pipe, items, common, latents, vae)
     with torch.inference_mode():
         return pipe(num_inference_steps=first.steps, width=first.width, height=first.height, latents=latents,
                     **common).images
 
 
-def _hires(model: LoadedModel, pipe, first: Item, common: dict, latents: torch.Tensor, vae) -> list[Image.Image]:
+def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latents: torch.Tensor,
+           vae) -> list[Image.Image]:
     """The webui's hires fix: a first pass, an upscale, then img2img at the larger size running
     exactly the second-pass steps (the webui always "fixes" them there), from fresh seed noise."""
+    first = items[0]
     upscaler, scale, steps, strength = first.hires
     width, height = int(first.width * scale) // 8 * 8, int(first.height * scale) // 8 * 8
     latent_space = upscaler.startswith("Latent")
@@ -77,7 +80,7 @@ def _hires(model: LoadedModel, pipe, first: Item, common: dict, latents: torch.T
     plan = img2img_steps(steps or first.steps, strength, fix_steps=True) if strength > 0 else \
         img2img_steps(steps or first.steps, strength)
     seeds = [g.initial_seed() for g in common["generator"]]
-    with torch.inference_mode():
+    with torch.inference_mode(), _seed_noise(second, items, (width, height)):
         return second(image=upscaled, strength=plan.diffusers_strength, num_inference_steps=plan.schedule,
                       **{**common, "generator": noise.generators(seeds)}).images
 
@@ -90,21 +93,35 @@ def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -
     else:
         init = [images.resize_image(first.resize_mode, picture, first.width, first.height)] * len(items)
     steps = img2img_steps(first.steps, first.denoising_strength, first.fix_steps)
-    with torch.inference_mode():
+    with torch.inference_mode(), _seed_noise(pipe, items):
         return pipe(image=init, strength=steps.diffusers_strength, num_inference_steps=steps.schedule,
                     **common).images
 
 
-def _latent_upscaled(pipe, picture: Image.Image, width: int, height: int, generators) -> torch.Tensor:
-    """The webui's resize mode 3: encode at the image's own size (rounded down to a multiple
-    of 8), then resize bilinearly in latent space. diffusers takes 4-channel input as latents."""
-    w, h = picture.width // 8 * 8, picture.height // 8 * 8
-    pixels = pipe.image_processor.preprocess(picture.resize((w, h), Image.Resampling.LANCZOS))
-    pixels = pixels.to(pipe.device, pipe.vae.dtype)
-    with torch.inference_mode():
-        encoded = pipe.vae.encode(pixels).latent_dist
-        latents = torch.cat([encoded.sample(generator=g) for g in generators]) * pipe.vae.config.scaling_factor
-    return torch.nn.functional.interpolate(latents, size=(height // 8, width // 8), mode="bilinear")
+class _seed_noise:
+    """img2img noises the encoded image with each seed's own noise, as the webui does, instead
+    of the generator's next draw after it has sampled the VAE: so one seed gives the same noise
+    in every mode, and variation seeds and "resize seed from" apply here too. The pipeline's
+    module draws that noise with `randn_tensor` once, in prepare_latents; it is swapped for the
+    call (a worker process renders one batch at a time)."""
+
+    def __init__(self, pipe, items: Sequence[Item], size: tuple[int, int] | None = None):
+        self.module = sys.modules[type(pipe).__module__]
+        self.noise = noise.batch_noise(items, size)
+
+    def __enter__(self):
+        self.original = self.module.randn_tensor
+
+        def seed_noise(shape, generator=None, device=None, dtype=None, layout=None):
+            if tuple(shape) != tuple(self.noise.shape):
+                raise RuntimeError(f"img2img asked for noise of shape {tuple(shape)}, not {tuple(self.noise.shape)}")
+            return self.noise.to(device, dtype)
+
+        self.module.randn_tensor = seed_noise
+        return self
+
+    def __exit__(self, *exc):
+        self.module.randn_tensor = self.original
 
 
 def inpaint(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -> list[Image.Image]:
@@ -123,7 +140,8 @@ def inpaint(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -
         work_image = images.resize_image(2, source.crop(crop), width, height)
         work_mask = images.resize_image(2, mask.crop(crop), width, height).convert("L")
     steps = img2img_steps(first.steps, first.denoising_strength, first.fix_steps)
-    with torch.inference_mode(), _initial_latents(pipe, first.masked_content, [work_mask] * batch, width, height):
+    with torch.inference_mode(), _seed_noise(pipe, items), \
+            _initial_latents(pipe, first.masked_content, [work_mask] * batch, width, height):
         result = pipe(image=[work_image] * batch, mask_image=[work_mask] * batch, width=width, height=height,
                       strength=steps.diffusers_strength, num_inference_steps=steps.schedule, **common).images
     # Outside the mask the output is the original, pixel for pixel (the webui's overlay).
@@ -134,7 +152,8 @@ def inpaint(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -
 class _initial_latents:
     """Start the masked area from what "masked content" says, the webui's way:
     original/fill: the encoded image; latent noise: the image's own seed noise;
-    latent nothing: zeros. Then noise it to the first step's level, as diffusers does."""
+    latent nothing: zeros. Then noise it to the first step's level, as diffusers does (with
+    each seed's own noise, under _seed_noise)."""
 
     def __init__(self, pipe, masked_content: str, masks: list[Image.Image], width: int, height: int):
         self.pipe, self.content, self.masks = pipe, masked_content, masks
