@@ -48,6 +48,9 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("DPM++ 2M", "DPMSolverMultistepScheduler",
                 {"algorithm_type": "dpmsolver++", "solver_order": 2},
                 default_schedule=ScheduleType.KARRAS),
+        # Its Brownian noise comes from its own trees, not the generators; the worker seeds one
+        # tree per image with the image's seed (noise_sampler_seed), as the webui does.
+        Sampler("DPM++ SDE", "DPMSolverSDEScheduler", default_schedule=ScheduleType.KARRAS, needs=("torchsde",)),
         Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
                 {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
                 default_schedule=ScheduleType.EXPONENTIAL),
@@ -75,8 +78,6 @@ SAMPLERS: dict[str, Sampler] = {
 #: Webui samplers that diffusers has no faithful counterpart for, with the reason.
 UNSUPPORTED: dict[str, str] = {
     "DPM++ 2S a": "diffusers has no faithful counterpart of DPM++ 2S a",
-    "DPM++ SDE": "diffusers' DPMSolverSDEScheduler draws its Brownian noise apart from the "
-                 "per-image generators, so it is not reproducible per seed here",
     "DPM fast": "diffusers has no counterpart of DPM fast",
     "DPM adaptive": "diffusers has no counterpart of DPM adaptive",
     "Restart": "diffusers has no counterpart of Restart",

@@ -93,10 +93,13 @@ def _noised_with_seed_noise(pipe, seeds, monkeypatch):
     return pipe
 
 
-def _direct_scheduler(model, sampler, schedule):
+def _direct_scheduler(model, sampler, schedule, seeds=(100, 101)):
     resolved, concrete = samplers.resolve(sampler, schedule)
-    return getattr(diffusers, resolved.scheduler_class).from_config(
+    scheduler = getattr(diffusers, resolved.scheduler_class).from_config(
         model.scheduler_config, **resolved.options, **samplers.SCHEDULE_FLAGS[concrete])
+    if isinstance(scheduler, diffusers.DPMSolverSDEScheduler):
+        scheduler.noise_sampler_seed = list(seeds)  # one Brownian tree per image, from its seed
+    return scheduler
 
 
 @pytest.mark.parametrize("sampler, schedule", list(accepted_combinations()))
@@ -294,9 +297,22 @@ def test_every_accepted_schedule_is_really_applied(sampler, schedule):
         assert scheduler.config[flag] == value
 
 
-def test_dpm_sde_is_refused_because_it_ignores_the_generators():
-    with pytest.raises(samplers.SamplerChoiceError, match="not reproducible per seed"):
-        samplers.resolve("DPM++ SDE")
+def test_dpm_sde_is_seeded_per_image_because_it_ignores_the_generators(models):
+    model = models.get("tiny-sd")
+    pipe = diffusers.StableDiffusionPipeline(**model.pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+
+    def unseeded():
+        pipe.scheduler = diffusers.DPMSolverSDEScheduler.from_config(model.scheduler_config, use_karras_sigmas=True)
+        return pipe("x", num_inference_steps=4, width=W, height=H, latents=noise.randn(1, (1, 4, 8, 8)),
+                    generator=torch.Generator().manual_seed(1)).images[0]
+
+    assert unseeded().tobytes() != unseeded().tobytes()  # the trap: the generator does not reach its noise
+    items = [item(i, sampler="DPM++ SDE", steps=4, seed=100 + i) for i in range(3)]
+    batched = render.render(model, items, None)
+    assert [a.tobytes() for a in batched] == [b.tobytes() for b in render.render(model, items, None)]
+    alone = render.render(model, items[2:], None)[0]
+    assert np.abs(pixels(alone) - pixels(batched[2])).max() <= 2  # its own tree, wherever it sits
 
 
 # --- infotext for every mode ----------------------------------------------------------------------

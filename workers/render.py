@@ -28,7 +28,8 @@ Fetch = Callable[[str], Image.Image]
 def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
     first = items[0]
     pipe = model.pipeline(mode)
-    pipe.scheduler = make_scheduler(model.scheduler_config, first.sampler, first.schedule_type)
+    pipe.scheduler = make_scheduler(model.scheduler_config, first.sampler, first.schedule_type,
+                                    [item.seed for item in items])
     pipe.vae = vae.module if vae is not None else model.own_vae
     positive, negative = [item.prompt for item in items], [item.negative_prompt for item in items]
     if model.xl:
@@ -75,7 +76,8 @@ def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latent
         resample = Image.Resampling.LANCZOS if upscaler == "Lanczos" else Image.Resampling.NEAREST
         upscaled = [image.resize((width, height), resample=resample) for image in first_pass]
     second = model.pipeline("img2img")
-    second.scheduler = make_scheduler(model.scheduler_config, first.sampler, first.schedule_type)
+    second.scheduler = make_scheduler(model.scheduler_config, first.sampler, first.schedule_type,
+                                      [item.seed for item in items])
     second.vae = vae.module if vae is not None else model.own_vae
     plan = img2img_steps(steps or first.steps, strength, fix_steps=True) if strength > 0 else \
         img2img_steps(steps or first.steps, strength)
@@ -96,6 +98,18 @@ def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -
     with torch.inference_mode(), _seed_noise(pipe, items):
         return pipe(image=init, strength=steps.diffusers_strength, num_inference_steps=steps.schedule,
                     **common).images
+
+
+def _latent_upscaled(pipe, picture: Image.Image, width: int, height: int, generators) -> torch.Tensor:
+    """The webui's resize mode 3: encode at the image's own size (rounded down to a multiple
+    of 8), then resize bilinearly in latent space. diffusers takes 4-channel input as latents."""
+    w, h = picture.width // 8 * 8, picture.height // 8 * 8
+    pixels = pipe.image_processor.preprocess(picture.resize((w, h), Image.Resampling.LANCZOS))
+    pixels = pixels.to(pipe.device, pipe.vae.dtype)
+    with torch.inference_mode():
+        encoded = pipe.vae.encode(pixels).latent_dist
+        latents = torch.cat([encoded.sample(generator=g) for g in generators]) * pipe.vae.config.scaling_factor
+    return torch.nn.functional.interpolate(latents, size=(height // 8, width // 8), mode="bilinear")
 
 
 class _seed_noise:
