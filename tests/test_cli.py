@@ -111,3 +111,39 @@ def test_gpu_selection_without_gpus(monkeypatch):
     assert parse_gpus("all") == [None]
     with pytest.raises(ValueError, match="--gpus"):
         parse_gpus(",")
+
+
+def _worker_pid(worker_name: str) -> int | None:
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"celery" in b" ".join(args) and worker_name.encode() in args and b"--pool" in args:
+                # the Celery parent: its own parent is not a Celery process
+                parent = int((proc / "stat").read_text().split()[3])
+                if b"celery" not in (Path("/proc") / str(parent) / "cmdline").read_bytes():
+                    return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+@pytest.mark.e2e
+def test_supervisor_restarts_a_worker_that_dies(redis_url, cache_dir):
+    env = {**os.environ, "FARM_BROKER_URL": redis_url, "FARM_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "worker", "--gpus", "none", "--name", "restarts"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = redis.Redis.from_url(redis_url)
+    name = "farm-cpu@restarts"
+    try:
+        wait_until(lambda: client.hexists("farm:workers", name), 120, "the worker", 0.1)
+        first = json.loads(client.hget("farm:workers", name))["since"]
+        pid = wait_until(lambda: _worker_pid(name), 30, "the worker's pid")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: json.loads(client.hget("farm:workers", name))["since"] != first, 120,
+                   "the supervisor to start it again", 0.2)
+        assert _worker_pid(name) not in (None, pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
