@@ -191,8 +191,12 @@ class Hires(BaseModel):
     denoising_strength: Annotated[float, _range(0, 1)] = 0.7
 
     def size(self, width: int, height: int) -> tuple[int, int]:
-        """The second pass's size, as the webui rounds it (down to a multiple of 8)."""
-        return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+        return hires_size(width, height, self.scale)
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """Hires fix's second-pass size, as the webui rounds it (down to a multiple of 8)."""
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
 
 
 def _seeds_form(value: Any) -> str:

@@ -16,7 +16,7 @@ from PIL import Image
 from farm.denoise import img2img_steps
 from farm.errors import ModelError
 from farm.plan import Item
-from farm.spec import LATENT_UPSCALE
+from farm.spec import LATENT_UPSCALE, hires_size
 from workers import images, noise, prompts
 from workers.models import LoadedModel
 from workers.schedulers import make_scheduler
@@ -25,12 +25,19 @@ from workers.schedulers import make_scheduler
 Fetch = Callable[[str], Image.Image]
 
 
-def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
+def _configured(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
+    """The mode's pipeline with this batch's scheduler and VAE (the override, or the model's own)."""
     first = items[0]
     pipe = model.pipeline(mode)
     pipe.scheduler = make_scheduler(model.scheduler_config, first.sampler, first.schedule_type,
                                     [item.seed for item in items])
     pipe.vae = vae.module if vae is not None else model.own_vae
+    return pipe
+
+
+def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
+    first = items[0]
+    pipe = _configured(model, mode, items, vae)
     positive, negative = [item.prompt for item in items], [item.negative_prompt for item in items]
     if model.xl:
         # SDXL's own encode path takes hidden states without touching text_model, so it works;
@@ -64,7 +71,7 @@ def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latent
     exactly the second-pass steps (the webui always "fixes" them there), from fresh seed noise."""
     first = items[0]
     upscaler, scale, steps, strength = first.hires
-    width, height = int(first.width * scale) // 8 * 8, int(first.height * scale) // 8 * 8
+    width, height = hires_size(first.width, first.height, scale)
     latent_space = upscaler.startswith("Latent")
     with torch.inference_mode():
         first_pass = pipe(num_inference_steps=first.steps, width=first.width, height=first.height, latents=latents,
@@ -75,16 +82,12 @@ def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latent
     else:
         resample = Image.Resampling.LANCZOS if upscaler == "Lanczos" else Image.Resampling.NEAREST
         upscaled = [image.resize((width, height), resample=resample) for image in first_pass]
-    second = model.pipeline("img2img")
-    second.scheduler = make_scheduler(model.scheduler_config, first.sampler, first.schedule_type,
-                                      [item.seed for item in items])
-    second.vae = vae.module if vae is not None else model.own_vae
-    plan = img2img_steps(steps or first.steps, strength, fix_steps=True) if strength > 0 else \
-        img2img_steps(steps or first.steps, strength)
-    seeds = [g.initial_seed() for g in common["generator"]]
+    second = _configured(model, "img2img", items, vae)
+    # fix_steps needs a strength above 0; at 0 the second pass takes its one step, as img2img does.
+    plan = img2img_steps(steps or first.steps, strength, fix_steps=strength > 0)
     with torch.inference_mode(), _seed_noise(second, items, (width, height)):
         return second(image=upscaled, strength=plan.diffusers_strength, num_inference_steps=plan.schedule,
-                      **{**common, "generator": noise.generators(seeds)}).images
+                      **{**common, "generator": noise.generators([item.seed for item in items])}).images
 
 
 def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -> list[Image.Image]:
