@@ -1,27 +1,34 @@
-"""Submission: validate everything that can fail, then write the job and queue its chunks.
+"""Submission: validate everything that can fail, then write the job and put it in its lane.
 
-Order matters: nothing is queued until the spec is valid, the store has accepted a
-write and the broker answers, so a bad job leaves no trace in the queue.
+Order matters: nothing is written to Redis until the spec is valid, the store has
+accepted a write and the broker answers, so a bad job leaves no trace. Nothing is
+queued here at all: the feeder (dispatcher/feeder.py) hands chunks to workers a few
+at a time, so a million-item job is accepted in the time it takes to write job.json.
 """
 
 from __future__ import annotations
 
 import getpass
 import json
+import re
 import time
 from dataclasses import dataclass
 
 from kombu.exceptions import OperationalError
 
+from dispatcher.feeder import enlist
 from dispatcher.inputs import upload_inputs
 from farm import __version__, keys
 from farm.celery_app import make_celery
-from farm.errors import BrokerUnavailable
+from farm.errors import BrokerUnavailable, SpecError
 from farm.plan import Plan
 from farm.progress import JobBoard
 from farm.settings import Settings
 from farm.spec import JobSpec
 from farm.store import Store, check_writable, open_store
+
+
+USER_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,12 @@ def default_user() -> str:
         return "unknown"
 
 
-def submit(spec: JobSpec, settings: Settings, user: str | None = None, store: Store | None = None) -> Submitted:
+def submit(spec: JobSpec, settings: Settings, user: str | None = None, store: Store | None = None,
+           lane: str | None = None, priority: int | None = None) -> Submitted:
     # 1. Resolve what the job leaves open, so job.json records what runs.
     spec = spec.with_resolved_seeds()
-    user = user or default_user()
+    spec = with_placement(spec, lane, priority)
+    user = check_user(user or default_user())
     if not settings.store:
         raise ValueError("no store: set FARM_STORE (s3://bucket/prefix or a folder) or pass --store")
     store = store or open_store(settings.store, settings)
@@ -56,30 +65,44 @@ def submit(spec: JobSpec, settings: Settings, user: str | None = None, store: St
     spec = upload_inputs(spec, store, job_id)
     plan = Plan(spec, job_id)
 
-    # 3. Write the job, then its state, then queue its chunks.
+    # 3. Write the job, then its state, then put it in its lane for the feeder.
+    created = time.time()
     job = {
-        "job_id": job_id, "user": user, "created": time.time(), "farm_version": __version__,
+        "job_id": job_id, "user": user, "created": created, "farm_version": __version__,
         "items": plan.item_count, "chunks": plan.chunk_count, "spec": spec.to_json_dict(),
     }
     store.put(keys.job_json(job_id), json.dumps(job, indent=2, ensure_ascii=False).encode(), "application/json")
-    board.create(job_id, plan.item_count, plan.chunk_count, store.url, user, spec.name or "")
-    enqueue(app, plan, store.url, settings.queue)
+    register(board, job_id, plan, store.url, user, spec, created)
     return Submitted(job_id, plan.item_count, plan.chunk_count, store.url)
 
 
-def chunk_message(chunk, store_url: str) -> dict:
-    """The task's JSON arguments: parameters and store keys, never images."""
-    return {"job": chunk.job_id, "store": store_url, "chunk": chunk.number,
-            "items": [item.to_dict() for item in chunk.items]}
+def register(board: JobBoard, job_id: str, plan: Plan, store_url: str, user: str, spec: JobSpec,
+             created: float) -> None:
+    """The job's state in Redis, then its place in its lane (`farm resume` rebuilds through here too)."""
+    board.create(job_id, plan.item_count, plan.chunk_count, store_url, user, spec.name or "", spec.lane,
+                 spec.priority, created)
+    enlist(board.redis, job_id, spec.lane, user, created)
 
 
-def enqueue(app, plan: Plan, store_url: str, queue: str, start: int = 0) -> int:
-    sent = 0
-    with app.producer_or_acquire() as producer:
-        for chunk in plan.chunks(start):
-            app.send_task(keys.RENDER_TASK, kwargs=chunk_message(chunk, store_url), queue=queue, producer=producer)
-            sent += 1
-    return sent
+def check_placement(lane: str | None, priority: int | None) -> None:
+    if lane is not None and lane not in keys.LANES:
+        raise SpecError.single("lane", f"must be one of {', '.join(keys.LANES)}, got {lane!r}")
+    if priority is not None and not -100 <= priority <= 100:
+        raise SpecError.single("priority", f"must be between -100 and 100, got {priority}")
+
+
+def with_placement(spec: JobSpec, lane: str | None, priority: int | None) -> JobSpec:
+    """The spec with the command line's lane and priority, which win over the file's."""
+    check_placement(lane, priority)
+    changes = {k: v for k, v in (("lane", lane), ("priority", priority)) if v is not None}
+    return spec.model_copy(update=changes) if changes else spec
+
+
+def check_user(user: str) -> str:
+    """A user name is shown and used as a fair-share key, never as a path: keep it plain."""
+    if not USER_PATTERN.fullmatch(user):
+        raise SpecError.single("user", "use 1-64 letters, digits, and . _ @ - (it names whose job this is)")
+    return user
 
 
 def _check_broker(app) -> None:

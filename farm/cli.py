@@ -90,7 +90,10 @@ def _follow_with_bar(board: JobBoard, job_id: str, total: int) -> JobStatus:
 
         def update(s: JobStatus) -> None:
             detail = f"running {s.running}, failed {s.failed}" if s.failed else f"running {s.running}"
-            bar.update(task, completed=s.done + s.failed, detail=detail)
+            if s.state is JobState.PAUSED:
+                detail += " (paused)"
+            # Steps of the chunks being rendered count as fractions of their items.
+            bar.update(task, completed=s.done + s.failed + s.partial, detail=detail)
 
         return follow(board, job_id, update)
 
@@ -110,6 +113,7 @@ def run(
     gpus: str = typer.Option("all", help="GPUs for the embedded workers: all, none, or a list such as 0,1"),
 ):
     """Render a job on this machine: a private Redis and real worker processes, outputs in a folder."""
+    from dispatcher.service import start_in_thread
     from dispatcher.submit import submit
     from farm.embedded import RedisServer, start_workers, stop_workers, wait_for_workers
 
@@ -120,6 +124,7 @@ def run(
             settings = Settings.from_env().with_overrides(broker_url=server.url, store=str(out_dir.resolve()))
             with open(Path(tmp) / "workers.log", "wb") as log:
                 workers = start_workers(settings, gpus=gpus, name=f"run-{os.getpid()}", log=log)
+                _, stop_dispatcher = start_in_thread(settings)
                 try:
                     with console.status("starting a worker (loads torch and the model)..."):
                         wait_for_workers(settings.broker_url, 1)
@@ -128,6 +133,7 @@ def run(
                                   f"in {submitted.chunks} batches", highlight=False)
                     status = _follow_with_bar(JobBoard.from_url(settings.broker_url), submitted.job_id, submitted.items)
                 finally:
+                    stop_dispatcher.set()
                     stop_workers(workers)
         job_dir = out_dir / submitted.job_id
         _write_contact_sheet(job_dir)
@@ -162,11 +168,15 @@ def submit(
     model: Optional[str] = typer.Option(None, help="with --from-image: the model to use (a path)"),
     wait: bool = typer.Option(False, "--wait", help="follow the job with a progress bar until it ends"),
     user: Optional[str] = typer.Option(None, help="who the job is for (default: your login name)"),
+    lane: Optional[str] = typer.Option(None, help="interactive (served first) or batch [default: the spec's, "
+                                                  "else batch]"),
+    priority: Optional[int] = typer.Option(None, help="-100..100; higher runs first within the lane [default: 0]"),
     broker: Optional[str] = BrokerOpt,
     store: Optional[str] = StoreOpt,
     endpoint_url: Optional[str] = EndpointOpt,
 ):
     """Queue a job on the pool; print its id."""
+    from dispatcher.service import is_running
     from dispatcher.submit import submit as do_submit
 
     with _errors():
@@ -174,8 +184,12 @@ def submit(
         if not settings.broker_url:
             raise ValueError("no broker: set FARM_BROKER_URL or pass --broker")
         job = _spec_from_args(spec, from_image, model, settings.allow_pickle)
-        submitted = do_submit(job, settings, user=user)
+        submitted = do_submit(job, settings, user=user, lane=lane, priority=priority)
         typer.echo(submitted.job_id)
+        board = JobBoard.from_url(settings.broker_url)
+        if not is_running(board.redis):
+            console.print("[yellow]note:[/yellow] no dispatcher is running; the job waits until one starts "
+                          "(`farm dispatcher`)", highlight=False)
         if wait:
             status = _follow_with_bar(JobBoard.from_url(settings.broker_url), submitted.job_id, submitted.items)
             raise typer.Exit(_finish_code(status))
@@ -216,19 +230,26 @@ def _eta(status: JobStatus) -> str:
 def status(
     job_id: str = typer.Argument(..., help="job id, as submit printed it"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    watch: bool = typer.Option(False, "--watch", help="a live progress bar until the job ends"),
     broker: Optional[str] = BrokerOpt,
 ):
-    """Show a job's counts (queued, running, done, failed) and ETA."""
+    """Show a job's counts (queued, running, done, failed), ETA and failed items."""
     with _errors():
-        s = _board(broker).status(job_id)
+        board = _board(broker)
+        s = board.status(job_id)
+        if watch and not s.finished:
+            s = _follow_with_bar(board, job_id, s.total)
         if as_json:
             out.print_json(json.dumps({
-                "job": s.job_id, "state": s.state.value, "total": s.total, "queued": s.queued,
-                "running": s.running, "done": s.done, "failed": s.failed, "eta_seconds": s.eta_seconds,
+                "job": s.job_id, "state": s.state.value, "user": s.user, "lane": s.lane, "priority": s.priority,
+                "total": s.total, "queued": s.queued, "running": s.running, "done": s.done, "failed": s.failed,
+                "progress": round((s.done + s.failed + s.partial) / max(1, s.total), 4),
+                "eta_seconds": s.eta_seconds, "workers": s.workers,
                 "failures": {str(k): v for k, v in s.failures.items()},
             }))
             return
-        table = Table(title=f"{s.job_id}: {s.state.value}", show_header=True)
+        title = f"{s.job_id}: {s.state.value} ({s.user}, {s.lane} lane, priority {s.priority})"
+        table = Table(title=title, show_header=True)
         for column in ("total", "queued", "running", "done", "failed", "ETA"):
             table.add_column(column, justify="right")
         table.add_row(str(s.total), str(s.queued), str(s.running), str(s.done), str(s.failed), _eta(s))
@@ -283,6 +304,125 @@ def worker(
     env = {**os.environ, **settings.to_env()}
     args = [sys.executable, "-m", "workers.supervisor", "--gpus", gpus] + (["--name", name] if name else [])
     os.execve(sys.executable, args, env)
+
+
+def _job_store(board: JobBoard, job_id: str, settings: Settings):
+    """The store a job writes to: from its state in Redis, else FARM_STORE / --store."""
+    from farm.store import open_store
+
+    keys.check_job_id(job_id)
+    url = board.redis.hget(keys.job_hash(job_id), "store")
+    url = url.decode() if url else settings.store
+    if not url:
+        raise ValueError("Redis does not know this job: give its store with FARM_STORE or --store")
+    return open_store(url, settings)
+
+
+@app.command()
+def cancel(job_id: str = typer.Argument(...), broker: Optional[str] = BrokerOpt, store: Optional[str] = StoreOpt,
+           endpoint_url: Optional[str] = EndpointOpt):
+    """Stop a job: no new items start, running ones stop at their next step; stored images stay."""
+    from dispatcher import control
+
+    with _errors():
+        settings = _settings(broker, store, endpoint_url)
+        board = _board(broker)
+        before = control.cancel(board, _job_store(board, job_id, settings), job_id)
+        s = board.status(job_id)
+        out.print(f"{job_id}: cancelled (was {before.value}); {s.done} of {s.total} images stored", highlight=False)
+
+
+@app.command()
+def pause(job_id: str = typer.Argument(...), broker: Optional[str] = BrokerOpt):
+    """Hold a job: running items finish, no new ones start until `farm resume`."""
+    from dispatcher import control
+
+    with _errors():
+        control.pause(_board(broker), job_id)
+        out.print(f"{job_id}: paused", highlight=False)
+
+
+@app.command()
+def resume(job_id: str = typer.Argument(...), broker: Optional[str] = BrokerOpt, store: Optional[str] = StoreOpt,
+           endpoint_url: Optional[str] = EndpointOpt):
+    """Resume a paused job, or rebuild one Redis lost (or that ended) from its store: only what is
+    missing is rendered."""
+    from dispatcher import control
+
+    with _errors():
+        settings = _settings(broker, store, endpoint_url)
+        board = _board(broker)
+        outcome = control.resume(board, _job_store(board, job_id, settings), job_id)
+        if isinstance(outcome, control.Rebuilt):
+            out.print(f"{job_id}: rebuilt from the store; {outcome.already_stored} of {outcome.total} images "
+                      f"already there, {outcome.total - outcome.already_stored} to render", highlight=False)
+        else:
+            out.print(f"{job_id}: resumed (was {outcome.value})", highlight=False)
+
+
+@app.command()
+def priority(job_id: str = typer.Argument(...), value: int = typer.Argument(..., help="-100..100, higher first"),
+             broker: Optional[str] = BrokerOpt):
+    """Change a job's priority; it applies to the next chunk handed out."""
+    from dispatcher import control
+    from dispatcher.submit import check_placement
+
+    with _errors():
+        board = _board(broker)
+        check_placement(None, value)
+        control.set_priority(board, job_id, value)
+        out.print(f"{job_id}: priority {value}", highlight=False)
+
+
+@app.command()
+def workers(
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    broker: Optional[str] = BrokerOpt,
+):
+    """List the pool's workers: host, GPU, models held, current item, images/min, last heartbeat."""
+    from farm import pool
+
+    with _errors():
+        settings = _settings(broker)
+        views = pool.read(_board(broker).redis, settings.queue)
+        now = time.time()
+        rows = [{
+            "worker": w.name, "host": w.host, "gpu": w.gpu, "device": w.device, "models": w.models,
+            "model_loads": w.loads, "current": w.current, "images": w.images,
+            "images_per_minute": w.images_per_minute, "heartbeat_seconds_ago": round(now - w.heartbeat, 1),
+            "assigned": len(w.assigned),
+        } for w in views]
+        if as_json:
+            out.print_json(json.dumps({"workers": rows, "model_loads": sum(w.loads for w in views)}))
+            return
+        table = Table(title=f"{len(views)} workers, {sum(w.loads for w in views)} model loads")
+        for column in ("worker", "host", "GPU", "models", "loads", "current", "images", "img/min", "heartbeat"):
+            table.add_column(column)
+        for w in views:
+            current = "idle"
+            if w.current:
+                c = w.current
+                current = f"{c['job']} #{c['chunk']} ({c['items']} img) step {c.get('step', 0)}/{c.get('steps', '?')}"
+            table.add_row(w.name, w.host, w.device or w.gpu, ", ".join(Path(m).name for m in w.models) or "-",
+                          str(w.loads), current, str(w.images), f"{w.images_per_minute:.1f}",
+                          f"{now - w.heartbeat:.0f}s ago")
+        out.print(table)
+
+
+@app.command()
+def dispatcher(broker: Optional[str] = BrokerOpt):
+    """Run the dispatcher: it hands chunks to workers a few at a time (lanes, fair share, affinity)."""
+    import logging
+
+    from dispatcher.service import serve
+
+    with _errors():
+        settings = _settings(broker)
+        if not settings.broker_url:
+            raise ValueError("no broker: set FARM_BROKER_URL or pass --broker")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        console.print(f"dispatcher feeding queues {settings.queue}.<worker>; Ctrl-C to stop", highlight=False)
+        serve(settings)
 
 
 @app.command()

@@ -107,9 +107,70 @@ def deliveries(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:deliveries"
 
 
+def cursors(job_id: str) -> str:
+    """Hash: model group -> how many of that group's chunks the feeder has handed out."""
+    return f"{PREFIX}:job:{job_id}:cursors"
+
+
+def handed_back(job_id: str) -> str:
+    """List of chunk numbers to hand out again before new ones: from a dead worker, a
+    paused job, or a transient failure."""
+    return f"{PREFIX}:job:{job_id}:retry"
+
+
+def attempts(job_id: str) -> str:
+    """Hash: chunk number -> how many times it failed with a transient error."""
+    return f"{PREFIX}:job:{job_id}:attempts"
+
+
 def job_keys(job_id: str) -> list[str]:
     return [job_hash(job_id), done_bits(job_id), failed_bits(job_id), failures(job_id), running(job_id),
-            deliveries(job_id)]
+            deliveries(job_id), cursors(job_id), handed_back(job_id), attempts(job_id)]
+
+
+# --- the pool: lanes, fair share, workers, the feeder ---------------------------------------
+
+#: Lanes in the order they are served: every runnable interactive chunk goes before any batch one.
+LANES = ("interactive", "batch")
+
+
+def lane_jobs(lane: str) -> str:
+    """Sorted set: the unfinished jobs of a lane, by submission time."""
+    return f"{PREFIX}:lane:{lane}"
+
+
+def lane_shares(lane: str) -> str:
+    """Sorted set: user -> GPU-seconds charged in this lane since the user last became active."""
+    return f"{PREFIX}:share:{lane}"
+
+
+def worker_live(worker: str) -> str:
+    """Hash: a worker's heartbeat, models held, model loads, current chunk and step, images/min."""
+    return f"{PREFIX}:worker:{worker}"
+
+
+def worker_assigned(worker: str) -> str:
+    """Hash: `<job>/<chunk>` -> JSON {model, items, at}: chunks the feeder sent to this worker
+    that it has not finished; handed back to their jobs if the worker dies."""
+    return f"{PREFIX}:worker:{worker}:assigned"
+
+
+def assignment(job_id: str, chunk: int) -> str:
+    return f"{job_id}/{chunk}"
+
+
+def worker_queue(queue: str, worker: str) -> str:
+    """Each worker has its own broker queue; the feeder decides which chunk goes to which worker."""
+    return f"{queue}.{worker}"
+
+
+#: List the workers and `farm submit` push to, so the dispatcher tops up at once instead of at
+#: its next tick.
+FEEDER_WAKE = f"{PREFIX}:feeder:wake"
+#: One feeder at a time, whichever dispatcher holds this.
+FEEDER_LOCK = f"{PREFIX}:feeder:lock"
+#: A running dispatcher's heartbeat (expires when it stops).
+DISPATCHER = f"{PREFIX}:dispatcher"
 
 
 #: How long a finished job's state stays in Redis. Its images, records and

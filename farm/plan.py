@@ -158,14 +158,49 @@ class Plan:
     def chunk(self, number: int) -> Chunk:
         if not 0 <= number < self.chunk_count:
             raise IndexError(f"chunk {number} out of range 0-{self.chunk_count - 1}")
-        cell, pos = divmod(number, self.chunks_per_cell)
-        start = cell * self.cell_size + pos * self.spec.batch_size
-        stop = min(start + self.spec.batch_size, (cell + 1) * self.cell_size)
-        return Chunk(self.job_id, number, tuple(self.item(i) for i in range(start, stop)))
+        return Chunk(self.job_id, number, tuple(self.item(i) for i in self.chunk_range(number)))
 
     def chunks(self, start: int = 0) -> Iterator[Chunk]:
         for number in range(start, self.chunk_count):
             yield self.chunk(number)
+
+    # --- model groups: the chunks of each model, for routing work to workers that hold it ---
+
+    @property
+    def models(self) -> list[str]:
+        """One entry per model group: the grid's model axis in order, or the spec's one model."""
+        for name, values in self.axes:
+            if name == "model":
+                return [str(v) for v in values]
+        return [self.spec.model]
+
+    def group_chunk_count(self, group: int) -> int:
+        return self.chunk_count // len(self.models)
+
+    def group_chunk(self, group: int, ordinal: int) -> int:
+        """The chunk number of the `ordinal`-th chunk of model group `group`, computed, not listed:
+        cells of one model repeat with the model axis' stride, so a million cells cost nothing."""
+        if not 0 <= ordinal < self.group_chunk_count(group):
+            raise IndexError(f"chunk {ordinal} of model group {group} out of range")
+        cell, pos = divmod(ordinal, self.chunks_per_cell)
+        stride, count = self._model_axis_shape()
+        outer, inner = divmod(cell, stride)
+        return ((outer * count + group) * stride + inner) * self.chunks_per_cell + pos
+
+    def _model_axis_shape(self) -> tuple[int, int]:
+        """(cells per step of the model axis, number of models); (cells, 1) without a model axis."""
+        stride = self.cells
+        for name, values in self.axes:
+            stride //= len(values)
+            if name == "model":
+                return stride, len(values)
+        return self.cells, 1
+
+    def chunk_range(self, number: int) -> range:
+        """The item indexes of a chunk, without building its items."""
+        cell, pos = divmod(number, self.chunks_per_cell)
+        start = cell * self.cell_size + pos * self.spec.batch_size
+        return range(start, min(start + self.spec.batch_size, (cell + 1) * self.cell_size))
 
     def chunk_of(self, index: int) -> int:
         cell, within = divmod(index, self.cell_size)

@@ -20,6 +20,7 @@ from farm.errors import JobNotFound
 class JobState(str, Enum):
     QUEUED = "queued"
     RUNNING = "running"
+    PAUSED = "paused"
     DONE = "done"
     DONE_WITH_FAILURES = "done with failures"
     CANCELLED = "cancelled"
@@ -27,6 +28,10 @@ class JobState(str, Enum):
     @property
     def finished(self) -> bool:
         return self in (JobState.DONE, JobState.DONE_WITH_FAILURES, JobState.CANCELLED)
+
+    @property
+    def runnable(self) -> bool:
+        return self in (JobState.QUEUED, JobState.RUNNING)
 
 
 # KEYS: job hash, bits to set, bits of the other outcome.
@@ -68,6 +73,12 @@ class JobStatus:
     completed: float | None
     failures: dict[int, str] = field(default_factory=dict)
     workers: list[str] = field(default_factory=list)
+    user: str = ""
+    name: str = ""
+    lane: str = "batch"
+    priority: int = 0
+    #: Steps done of the chunks being rendered, as a fraction of an item each: live progress.
+    partial: float = 0.0
 
     @property
     def queued(self) -> int:
@@ -96,15 +107,23 @@ class JobBoard:
     def from_url(cls, url: str) -> "JobBoard":
         return cls(redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30))
 
-    def create(self, job_id: str, total: int, chunks: int, store_url: str, user: str, name: str = "") -> None:
-        now = time.time()
+    def create(self, job_id: str, total: int, chunks: int, store_url: str, user: str, name: str = "",
+               lane: str = "batch", priority: int = 0, created: float | None = None) -> None:
+        """Write a job's state; the feeder sees it once it is in its lane (dispatcher.feeder.enlist)."""
+        now = created or time.time()
         with self.redis.pipeline() as pipe:
+            pipe.delete(*keys.job_keys(job_id))
             pipe.hset(keys.job_hash(job_id), mapping={
                 "state": JobState.QUEUED.value, "total": total, "chunks": chunks, "done": 0, "failed": 0,
-                "store": store_url, "user": user, "name": name, "created": now,
+                "store": store_url, "user": user, "name": name, "created": now, "lane": lane,
+                "priority": priority,
             })
             pipe.zadd(keys.JOBS_INDEX, {job_id: now})
             pipe.execute()
+
+    def state(self, job_id: str) -> JobState | None:
+        value = self.redis.hget(keys.job_hash(job_id), "state")
+        return JobState(value.decode()) if value else None
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(keys.job_hash(job_id)))
@@ -161,8 +180,11 @@ class JobBoard:
         """Set the final state from the counts, and let the job's keys expire."""
         status = self.status(job_id)
         state = JobState.DONE_WITH_FAILURES if status.failed else JobState.DONE
+        if status.state is JobState.CANCELLED:
+            state = JobState.CANCELLED
         with self.redis.pipeline() as pipe:
             pipe.hset(keys.job_hash(job_id), "state", state.value)
+            pipe.zrem(keys.lane_jobs(status.lane), job_id)
             for key in keys.job_keys(job_id):
                 pipe.expire(key, keys.FINISHED_JOB_TTL)
             pipe.execute()
@@ -191,6 +213,11 @@ class JobBoard:
             completed=float(data["completed_at"]) if "completed_at" in data else None,
             failures={int(k): v.decode() for k, v in failures.items()},
             workers=sorted({r["worker"] for r in running_rows}),
+            user=data.get("user", ""),
+            name=data.get("name", ""),
+            lane=data.get("lane", "batch"),
+            priority=int(data.get("priority", 0)),
+            partial=sum(r.get("items", 0) * r.get("fraction", 0.0) for r in running_rows),
         )
 
     def recent_jobs(self, limit: int = 20) -> list[str]:

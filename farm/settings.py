@@ -40,8 +40,14 @@ class Settings:
     #: broker hands it to another worker. Short, so a dead worker's chunk comes
     #: back fast; a live worker renews it every third of this while it renders.
     visibility_timeout: float = 15.0
-    #: Queue that render tasks go to.
+    #: Prefix of the render queues: each worker consumes `<queue>.<worker name>`.
     queue: str = "farm.render"
+    #: Largest batch a worker renders in one forward pass; a chunk above it is split.
+    #: None: the job's batch_size. A worker that runs out of memory halves it by itself.
+    max_batch: int | None = None
+    #: Fault injection for the test suite: the worker raises out-of-memory on any batch
+    #: larger than this. Never set it in production.
+    inject_oom_above: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -59,6 +65,9 @@ class Settings:
             kwargs["model_configs"] = Path(env["FARM_MODEL_CONFIGS"])
         if env.get("FARM_CACHE_DIR"):
             kwargs["cache_dir"] = Path(env["FARM_CACHE_DIR"])
+        for name, var in (("max_batch", "FARM_MAX_BATCH"), ("inject_oom_above", "FARM_INJECT_OOM_ABOVE")):
+            if env.get(var):
+                kwargs[name] = int(env[var])
         if env.get("FARM_VISIBILITY_TIMEOUT"):
             kwargs["visibility_timeout"] = float(env["FARM_VISIBILITY_TIMEOUT"])
         return cls(**kwargs)
@@ -75,6 +84,10 @@ class Settings:
             "FARM_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
             "FARM_QUEUE": self.queue,
         }
+        if self.max_batch:
+            env["FARM_MAX_BATCH"] = str(self.max_batch)
+        if self.inject_oom_above:
+            env["FARM_INJECT_OOM_ABOVE"] = str(self.inject_oom_above)
         if self.model_configs:
             env["FARM_MODEL_CONFIGS"] = str(self.model_configs)
         if self.allow_pickle:

@@ -218,6 +218,10 @@ class JobSpec(BaseModel):
     model_config = _STRICT
 
     name: Annotated[str, AfterValidator(_job_name)] | None = None
+    #: "interactive" is served before "batch"; `farm submit --lane` overrides it.
+    lane: Literal["interactive", "batch"] = "batch"
+    #: Within a lane, higher runs first; jobs of equal priority share the pool by user.
+    priority: Annotated[int, _range(-100, 100)] = 0
     mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
     model: ModelRef = "tiny-sd"
     prompts: Annotated[list[Prompt], AfterValidator(_not_empty("prompt")), Field(max_length=MAX_ITEMS)]

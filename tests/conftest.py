@@ -146,8 +146,24 @@ class WorkerProcs:
         self.env = env
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen] = {}
+        self.dispatcher: subprocess.Popen | None = None
 
-    def start(self, count: int = 1, timeout: float = 120) -> list[str]:
+    def start_dispatcher(self) -> None:
+        """`farm dispatcher` as its own process, as a user runs it; the pool needs one to get work."""
+        log = open(self.log_dir / "dispatcher.log", "ab")
+        self.dispatcher = subprocess.Popen([sys.executable, "-m", "farm.cli", "dispatcher"], env=self.env, cwd=ROOT,
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = redis.Redis.from_url(self.settings.broker_url)
+        wait_until(lambda: client.exists("farm:dispatcher"), 60, "the dispatcher to start", 0.1)
+
+    def kill_dispatcher(self, sig=signal.SIGKILL) -> None:
+        os.killpg(self.dispatcher.pid, sig)
+        self.dispatcher.wait(timeout=30)
+        redis.Redis.from_url(self.settings.broker_url).delete("farm:dispatcher")
+
+    def start(self, count: int = 1, timeout: float = 120, dispatcher: bool = True) -> list[str]:
+        if dispatcher and (self.dispatcher is None or self.dispatcher.poll() is not None):
+            self.start_dispatcher()
         names = []
         for _ in range(count):
             name = f"w{len(self.procs)}@test"
@@ -165,10 +181,11 @@ class WorkerProcs:
         self.procs[name].wait(timeout=60)
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
+        everything = [*self.procs.values(), *([self.dispatcher] if self.dispatcher else [])]
+        for proc in everything:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
+        for proc in everything:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

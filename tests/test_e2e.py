@@ -97,10 +97,11 @@ def test_sweep_renders_every_image_into_s3_and_reruns_bit_identically(
 
 
 def test_item_already_stored_is_skipped_not_rendered_again(farm_settings, workers_factory, tmp_path, s3_env, s3_server, bucket):
-    workers_factory(farm_settings).start(1)
+    [worker] = workers_factory(farm_settings).start(1)
     spec_path = tmp_path / "one.toml"
     spec_path.write_text('prompts = ["x"]\nseeds = [7, 8]\nsteps = 4\nwidth = 64\nheight = 64\n')
-    from dispatcher.submit import chunk_message, enqueue
+    from dispatcher.feeder import chunk_message
+    from farm import keys
     from farm.celery_app import make_celery
     from farm.plan import Plan
     from farm.spec import load_spec
@@ -108,10 +109,13 @@ def test_item_already_stored_is_skipped_not_rendered_again(farm_settings, worker
     job = _submit_and_wait(spec_path, _env(farm_settings, s3_env))
     key = f"renders/{job}/images/000000-7.png"
     before = s3_server.client().head_object(Bucket=bucket, Key=key)["LastModified"]
-    # Deliver the same chunk again, as a redelivery would.
+    # Deliver the same chunk again, as a redelivery would while the job still runs (a worker
+    # died after storing, before its ack). A finished job's chunks are dropped unopened.
     board = JobBoard.from_url(farm_settings.broker_url)
+    board.redis.hset(f"farm:job:{job}", "state", "running")
     plan = Plan(load_spec(spec_path), job)
-    enqueue(make_celery(farm_settings), plan, f"s3://{bucket}/renders", farm_settings.queue)
+    make_celery(farm_settings).send_task(keys.RENDER_TASK, kwargs=chunk_message(plan.chunk(0), f"s3://{bucket}/renders"),
+                                         queue=keys.worker_queue(farm_settings.queue, worker))
     from farm.embedded import wait_until
     wait_until(lambda: board.deliveries(job).get(0) == 2 and not board.status(job).running, 60, "the redelivery")
     assert s3_server.client().head_object(Bucket=bucket, Key=key)["LastModified"] == before

@@ -60,3 +60,17 @@ def test_a_million_item_job_is_expanded_lazily():
     assert chunk.items[-1].index == 999_999
     assert peak < 1_000_000  # bytes: nothing proportional to the item count was built
     assert time.perf_counter() - started < 5
+
+
+def test_model_groups_partition_the_chunks_by_model_in_plan_order():
+    for grid in ({"cfg_scale": [4.0, 7.0], "model": ["a", "b", "c"], "steps": [3, 4]}, {"model": ["a", "b"]},
+                 {"model": ["a", "b"], "cfg_scale": [1.0, 2.0, 3.0]}, {"steps": [2, 3]}):
+        plan = Plan(spec(grid=grid, batch_size=2), "j")
+        seen = []
+        for group, model in enumerate(plan.models):
+            numbers = [plan.group_chunk(group, k) for k in range(plan.group_chunk_count(group))]
+            assert numbers == sorted(numbers)
+            assert {item.model for n in numbers for item in plan.chunk(n).items} == {model}
+            seen += numbers
+        assert sorted(seen) == list(range(plan.chunk_count))
+        assert all(list(plan.chunk_range(n)) == [i.index for i in plan.chunk(n).items] for n in seen)

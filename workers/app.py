@@ -5,15 +5,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import socket
-import time
 
 import redis
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from farm import keys
+from farm import keys, pool
 from farm.celery_app import make_celery
 from farm.settings import Settings
 from workers import runtime
@@ -37,19 +36,23 @@ _lease: LeaseKeeper | None = None
 def _announce(sender=None, **_) -> None:
     global _lease
     client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5)
-    _lease = LeaseKeeper(client, settings.lease_renew_interval).start()
-    info = {"host": socket.gethostname(), "since": time.time(), "queue": settings.queue}
-    client.hset(keys.WORKERS, sender.hostname, json.dumps(info))
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or "none"
+    pool.register(client, sender.hostname, keys.worker_queue(settings.queue, sender.hostname), socket.gethostname(),
+                  gpu)
+    _lease = LeaseKeeper(client, settings.lease_renew_interval, sender.hostname).start()
+    client.rpush(keys.FEEDER_WAKE, sender.hostname)
 
 
 @worker_shutdown.connect
 def _retire(sender=None, **_) -> None:
+    """A clean stop (the current chunk is finished by then): hand back the chunk queued next."""
     if _lease:
         _lease.stop()
     try:
-        redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2).hdel(keys.WORKERS, sender.hostname)
-    except redis.RedisError:
-        pass
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2)
+        pool.release(client, sender.hostname, keys.worker_queue(settings.queue, sender.hostname))
+    except redis.RedisError as e:
+        log.warning("could not hand back this worker's chunks: %s", e)
 
 
 @app.task(name=keys.RENDER_TASK, bind=True)

@@ -18,6 +18,8 @@ import time
 import redis
 from celery.worker import state
 
+from farm import pool
+
 log = logging.getLogger(__name__)
 
 UNACKED_INDEX = "unacked_index"
@@ -38,9 +40,12 @@ def held_delivery_tags() -> list[str]:
 
 
 class LeaseKeeper:
-    def __init__(self, client: redis.Redis, interval: float):
+    """Renews message leases and beats the worker's heartbeat, every `interval` seconds."""
+
+    def __init__(self, client: redis.Redis, interval: float, worker: str | None = None):
         self.client = client
         self.interval = interval
+        self.worker = worker
         self.renewals = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="farm-lease", daemon=True)
@@ -65,6 +70,8 @@ class LeaseKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
+                if self.worker:
+                    pool.heartbeat(self.client, self.worker)
                 self.renew()
             except redis.RedisError as e:
                 log.warning("could not renew message leases: %s", e)

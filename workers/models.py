@@ -137,6 +137,10 @@ class ModelCache:
                 torch.cuda.empty_cache()
         return model
 
+    def refs(self) -> list[str]:
+        """The models held, least recently used first."""
+        return list(self._models)
+
     def vae(self, ref: str) -> LoadedVae:
         """A VAE override (a diffusers AutoencoderKL folder), loaded once and kept."""
         if ref not in self._vaes:

@@ -35,7 +35,7 @@ def _configured(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
     return pipe
 
 
-def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
+def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None, on_step=None):
     first = items[0]
     pipe = _configured(model, mode, items, vae)
     positive, negative = [item.prompt for item in items], [item.negative_prompt for item in items]
@@ -52,11 +52,14 @@ def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
         generator=noise.generators([item.seed for item in items]),
         output_type="pil",
     )
+    if on_step is not None:
+        common["callback_on_step_end"] = on_step
     return pipe, first, common
 
 
-def txt2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch | None = None, vae=None) -> list[Image.Image]:
-    pipe, first, common = _prepared(model, "txt2img", items, vae)
+def txt2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch | None = None, vae=None,
+            on_step=None) -> list[Image.Image]:
+    pipe, first, common = _prepared(model, "txt2img", items, vae, on_step)
     latents = noise.batch_noise(items).to(pipe.device, pipe.unet.dtype)
     if first.hires:
         return _hires(model, pipe, items, common, latents, vae)
@@ -90,8 +93,8 @@ def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latent
                       **{**common, "generator": noise.generators([item.seed for item in items])}).images
 
 
-def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -> list[Image.Image]:
-    pipe, first, common = _prepared(model, "img2img", items, vae)
+def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None) -> list[Image.Image]:
+    pipe, first, common = _prepared(model, "img2img", items, vae, on_step)
     picture = images.flatten(fetch(first.init_image))
     if first.resize_mode == LATENT_UPSCALE:
         init = _latent_upscaled(pipe, picture, first.width, first.height, common["generator"])
@@ -141,8 +144,8 @@ class _seed_noise:
         self.module.randn_tensor = self.original
 
 
-def inpaint(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -> list[Image.Image]:
-    pipe, first, common = _prepared(model, "inpaint", items, vae)
+def inpaint(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None) -> list[Image.Image]:
+    pipe, first, common = _prepared(model, "inpaint", items, vae, on_step)
     width, height, batch = first.width, first.height, len(items)
     original = images.flatten(fetch(first.init_image))
     crop = None
@@ -211,9 +214,10 @@ class _initial_latents:
 RENDERERS = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}
 
 
-def render(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None) -> list[Image.Image]:
-    """Render a batch; `vae` is a loaded VAE override (workers.models.LoadedVae) or None."""
+def render(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None) -> list[Image.Image]:
+    """Render a batch; `vae` is a loaded VAE override (workers.models.LoadedVae) or None;
+    `on_step` is a diffusers `callback_on_step_end` (progress, and the cancel check)."""
     mode = items[0].mode
     if model.inpainting and mode != "inpaint":
         raise ModelError(f"{model.name} is an inpainting model (9-channel UNet); use it with mode = \"inpaint\"")
-    return RENDERERS[mode](model, items, fetch, vae)
+    return RENDERERS[mode](model, items, fetch, vae, on_step)

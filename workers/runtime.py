@@ -18,6 +18,7 @@ from farm.settings import Settings
 from farm.store import Store, open_store
 from workers.device import describe, dtype_for, select_device
 from workers.models import ModelCache
+from workers.reporting import Pace
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ class Runtime:
     hostname: str = field(default_factory=socket.gethostname)
     #: Decoded init images and masks by (store, key); a few, most recent last.
     inputs: dict = field(default_factory=dict)
+    #: The largest batch that fitted, by (model, mode, width, height, hires), learnt from
+    #: out-of-memory errors; kept for the life of the process.
+    safe_batch: dict = field(default_factory=dict)
+    pace: Pace = field(default_factory=Pace)
     _stores: dict[str, Store] = field(default_factory=dict)
 
     @classmethod

@@ -18,6 +18,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from farm.keys import worker_queue
+
 log = logging.getLogger("farm.supervisor")
 
 #: A worker that dies sooner than this after its start is restarted only after a pause,
@@ -63,7 +65,7 @@ def worker_command(slot: Slot, queue: str, loglevel: str) -> list[str]:
     return [
         sys.executable, "-m", "celery", "-A", "workers.app", "worker",
         "--pool", "prefork", "--concurrency", "1",
-        "--queues", queue, "--hostname", slot.name, "--loglevel", loglevel,
+        "--queues", worker_queue(queue, slot.name), "--hostname", slot.name, "--loglevel", loglevel,
         "--without-mingle", "--without-gossip", "--without-heartbeat",
     ]
 

@@ -1,8 +1,9 @@
 """The render task: one chunk of items, rendered as one batch, each image stored.
 
-Steps: 1 decode the message, 2 skip what is already stored, 3 load the model,
-4 render, 5 encode PNGs with their infotext, 6 upload images then records,
-7 report progress, and assemble the manifest if this chunk completed the job.
+Steps: 1 decode the message and check the job is still wanted, 2 skip what is already
+stored, 3 load the model, 4 render (split if memory runs short), 5 encode PNGs with
+their infotext, 6 upload images then records, 7 report progress, and assemble the
+manifest if this chunk completed the job.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import time
 from dataclasses import dataclass
 
 import redis
+import torch
 from PIL import Image
 
-from farm import __version__, infotext, keys, manifest, png
-from farm.errors import PermanentError, RetriableError, StoreUnavailable
+from farm import __version__, infotext, keys, manifest, png, pool
+from farm.errors import ModelError, PermanentError, RetriableError, StoreUnavailable
 from farm.plan import Chunk, Item
+from farm.progress import JobState
 from farm.retry import with_backoff
 from farm.spec import STORE_PREFIX
 from farm.store import KeyMissing, Store
-from workers import images, render
+from workers import images, render, reporting
+from workers.reporting import JobCancelled
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -109,18 +113,48 @@ def fetcher(runtime: Runtime, store: Store):
     return fetch
 
 
+#: A chunk that meets a transient error (the store or Redis down past the retry budget)
+#: is handed back this many times before its items fail with the reason.
+MAX_TRANSIENT_ATTEMPTS = 3
+
+
 def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
-    # 1. Decode.
+    # 1. Decode, and look at the job first: a paused job gets the chunk back, a cancelled
+    #    or forgotten one drops it.
     chunk, store_url = decode(message)
+    try:
+        state = runtime.board.state(chunk.job_id)
+        if state is JobState.PAUSED:
+            runtime.redis.rpush(keys.handed_back(chunk.job_id), chunk.number)
+            return []
+        if state is None or not state.runnable:
+            log.info("chunk %s/%d dropped: the job is %s", chunk.job_id, chunk.number,
+                     state.value if state else "unknown")
+            return []
+        return _run(runtime, chunk, store_url, message, worker)
+    finally:
+        _quietly(pool.finished_chunk, runtime.redis, worker, chunk.job_id, chunk.number)
+
+
+def _run(runtime: Runtime, chunk: Chunk, store_url: str, message: dict, worker: str) -> list[Output]:
     store = runtime.store(store_url)
     runtime.board.mark_running(chunk.job_id, chunk.number, worker, chunk.batch_size)
+    started = time.time()
     try:
         # 2. Skip items whose image and record already exist with the same parameters.
         missing = [it for it in chunk.items if not with_backoff(
             lambda it=it: already_stored(store, chunk, it), "checking stored items")]
+        outputs: list[Output] = []
         if missing:
+            reporting.publish_start(runtime.redis, worker, chunk)
             try:
                 outputs = _render_and_store(runtime, store, chunk, missing, worker)
+            except JobCancelled:
+                log.info("chunk %s/%d stopped: the job was cancelled", chunk.job_id, chunk.number)
+                return []
+            except RetriableError as e:
+                _try_later(runtime, store, chunk, e)
+                return []
             except Exception as e:
                 # Recorded, then raised: the items end failed with the reason instead of
                 # leaving the job waiting forever, and Celery logs the traceback.
@@ -128,12 +162,14 @@ def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
                 raise
         else:
             log.info("chunk %s/%d already stored; skipping", chunk.job_id, chunk.number)
-            outputs = []
-        # 7. Report.
+        # 7. Report, and settle the fair-share charge with the seconds this chunk really took.
         _report(runtime, store, chunk.job_id, [it.index for it in chunk.items])
+        if outputs:
+            _settle(runtime, message, chunk, started, time.time(), len(outputs))
         return outputs
     finally:
         _quietly(runtime.board.clear_running, chunk.job_id, chunk.number)
+        _quietly(reporting.publish_idle, runtime.redis, worker, runtime, runtime.pace)
 
 
 def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: list[Item], worker: str) -> list[Output]:
@@ -141,14 +177,16 @@ def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: lis
     first = chunk.items[0]
     model = runtime.models.get(first.model)
     vae = runtime.models.vae(first.vae) if first.vae else None
-    # 4. Render the whole batch, so every image is drawn in its planned batch.
+    pool.publish(runtime.redis, worker, models=runtime.models.refs(), loads=runtime.models.loads)
+    # 4. Render the whole chunk, in as few forward passes as fit (each image in its planned batch).
     started = time.perf_counter()
-    pictures = render.render(model, chunk.items, fetcher(runtime, store), vae)
+    reporter = reporting.StepReporter(runtime.redis, worker, chunk)
+    pictures, batches = render_batches(runtime, model, chunk.items, fetcher(runtime, store), vae, reporter)
     seconds = (time.perf_counter() - started) / len(pictures)
     # 5. Encode the images that are missing.
     wanted = {it.index for it in missing}
     outputs = [
-        _output(chunk, pos, item, image, model, vae, seconds, worker, runtime.device_name)
+        _output(chunk, pos, item, image, model, vae, seconds, worker, runtime.device_name, batches)
         for pos, (item, image) in enumerate(zip(chunk.items, pictures)) if item.index in wanted
     ]
     # 6. Upload each image, then its record: a record always points at a stored image.
@@ -160,6 +198,62 @@ def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: lis
     return outputs
 
 
+def render_batches(runtime: Runtime, model, items, fetch, vae, on_step) -> tuple[list, list[list[int]]]:
+    """Render a chunk in forward passes of at most the batch this worker can hold for its shape.
+    An out-of-memory error halves that batch, remembers it, and retries the same items."""
+    first = items[0]
+    shape = (model.ref, first.mode, first.width, first.height, first.hires)
+    size = min(len(items), runtime.safe_batch.get(shape, runtime.settings.max_batch or len(items)))
+    pictures, batches = [], []
+    while len(pictures) < len(items):
+        part = items[len(pictures):len(pictures) + size]
+        try:
+            if runtime.settings.inject_oom_above and len(part) > runtime.settings.inject_oom_above:
+                raise torch.OutOfMemoryError(f"injected: batch of {len(part)} > {runtime.settings.inject_oom_above}")
+            pictures += render.render(model, part, fetch, vae, on_step)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            if size == 1:
+                raise ModelError(f"out of memory at batch size 1 ({first.width}x{first.height}) on "
+                                 f"{runtime.device_name}") from e
+            size = max(1, len(part) // 2)
+            runtime.safe_batch[shape] = size
+            log.warning("out of memory at batch %d for %s %dx%d; trying %d", len(part), model.name, first.width,
+                        first.height, size)
+            if runtime.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        batches.append([it.index for it in part])
+    return pictures, batches
+
+
+def _out_of_memory(error: Exception) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _try_later(runtime: Runtime, store: Store, chunk: Chunk, error: Exception) -> None:
+    """Hand the chunk back for another go, or fail it when it has had its tries."""
+    tries = runtime.redis.hincrby(keys.attempts(chunk.job_id), chunk.number, 1)
+    if tries >= MAX_TRANSIENT_ATTEMPTS:
+        _fail(runtime, store, chunk, f"gave up after {tries} tries: {_reason(error)}")
+        return
+    log.warning("chunk %s/%d: %s; handing it back (try %d of %d)", chunk.job_id, chunk.number, error, tries,
+                MAX_TRANSIENT_ATTEMPTS)
+    runtime.redis.rpush(keys.handed_back(chunk.job_id), chunk.number)
+
+
+def _settle(runtime: Runtime, message: dict, chunk: Chunk, started: float, finished: float, images: int) -> None:
+    runtime.pace.add(started, finished, images)
+    seconds = finished - started
+    with runtime.redis.pipeline() as pipe:
+        pipe.hset(keys.job_hash(chunk.job_id), "seconds_per_item", round(seconds / chunk.batch_size, 4))
+        if message.get("user") and message.get("lane") in keys.LANES:
+            pipe.zincrby(keys.lane_shares(message["lane"]), seconds - float(message.get("charge", 0)),
+                         message["user"])
+        pipe.execute()
+
+
 def _reason(error: Exception) -> str:
     if isinstance(error, KeyMissing):
         return f"missing input in the store: {error}"
@@ -168,7 +262,7 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _output(chunk, pos, item, image, model, vae, seconds, worker, device) -> Output:
+def _output(chunk, pos, item, image, model, vae, seconds, worker, device, batches) -> Output:
     text = parameters_text(item, model.name, model.hash, vae)
     data = png.encode(image, text)
     key = keys.image(chunk.job_id, item.index, item.seed)
@@ -186,6 +280,8 @@ def _output(chunk, pos, item, image, model, vae, seconds, worker, device) -> Out
         "batch": chunk.number,
         "batch_size": chunk.batch_size,
         "batch_position": pos,
+        # The forward pass it was drawn in: the chunk, or a part of it on a worker short of memory.
+        "rendered_with": next(b for b in batches if item.index in b),
         "params": batch_digest(chunk, item),
     }
     return Output(item, key, data, record)

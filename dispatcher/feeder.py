@@ -1,0 +1,305 @@
+"""The feeder: keeps a short window of chunks ahead of each worker and decides what runs next.
+
+Each worker consumes its own broker queue. The feeder keeps at most `depth` chunks
+assigned to a worker (the one it renders and the next), so the broker never holds
+more than a few messages and priorities, pauses and cancels take effect at once.
+
+What goes next to a worker with a free slot:
+1. the lane: every runnable `interactive` job before any `batch` one;
+2. the priority: higher first;
+3. fair share: among the users at that lane and priority, the one charged the fewest
+   GPU-seconds since they became active (a chunk is charged its items times the
+   job's measured seconds per item; the worker settles the difference when done);
+4. the user's oldest job;
+5. within the job: chunks handed back first, then a chunk of a model the worker holds,
+   then of a model no other worker holds or is about to load, then of the model with
+   the most chunks left. Models are loaded as few times as the work allows.
+
+All state is in Redis (cursors per model group, handed-back chunks, assignments per
+worker), so any dispatcher can run this, and one that restarts carries on. A Redis
+lock keeps two dispatchers from topping up at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+import redis
+
+from farm import keys, pool
+from farm.plan import Plan
+from farm.pool import WorkerView
+from farm.progress import JobState
+from farm.settings import Settings
+from farm.spec import JobSpec
+from farm.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+#: Chunks assigned to one worker at a time: the one it renders and the next one, so it
+#: never waits on the feeder between chunks.
+DEFAULT_DEPTH = 2
+#: Seconds of charge per item before a job has measured its own.
+DEFAULT_SECONDS_PER_ITEM = 1.0
+#: How many heartbeats a worker may miss before its chunks are handed to others.
+MISSED_HEARTBEATS = 3
+#: A job with nothing left to hand out, yet unfinished and with nothing assigned, is
+#: checked for lost chunks (a message lost with the broker, a dispatcher killed between
+#: two steps) at most this often.
+SWEEP_INTERVAL = 5.0
+
+
+@dataclass
+class JobView:
+    job_id: str
+    lane: str
+    priority: int
+    user: str
+    created: float
+    store: str
+    seconds_per_item: float
+    state: JobState
+    exhausted: bool = False
+    assigned: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        return keys.LANES.index(self.lane), -self.priority
+
+
+def load_plan(store: Store, job_id: str) -> Plan:
+    """A job's plan, rebuilt from the job.json written at submission."""
+    job = json.loads(store.get(keys.job_json(job_id)))
+    # Validated when it was submitted; the workers still refuse pickles unless allowed.
+    return Plan(JobSpec.model_validate(job["spec"], context={"allow_pickle": True}), job_id)
+
+
+def unsettled(done: bytes | None, failed: bytes | None, total: int) -> list[int]:
+    """Indexes below `total` with neither bit set (Redis bitmaps: bit 0 is the first byte's top bit)."""
+    done, failed = done or b"", failed or b""
+    size = -(-total // 8)
+    done, failed = done.ljust(size, b"\0"), failed.ljust(size, b"\0")
+    missing = []
+    for pos in range(size):
+        byte = done[pos] | failed[pos]
+        if byte != 0xFF:
+            missing += [pos * 8 + bit for bit in range(8) if not byte >> (7 - bit) & 1 and pos * 8 + bit < total]
+    return missing
+
+
+def chunk_message(chunk, store_url: str, job: JobView | None = None, charge: float = 0.0) -> dict:
+    """The task's JSON arguments: parameters and store keys, never images."""
+    message = {"job": chunk.job_id, "store": store_url, "chunk": chunk.number,
+               "items": [item.to_dict() for item in chunk.items]}
+    if job is not None:
+        message.update(lane=job.lane, user=job.user, charge=round(charge, 4))
+    return message
+
+
+def enlist(client: redis.Redis, job_id: str, lane: str, user: str, created: float) -> None:
+    """Put a job in its lane. A user who had nothing running there starts level with the
+    least-served active user, so past use neither helps nor hurts a newcomer."""
+    active = _active_users(client, lane)
+    shares = client.zrange(keys.lane_shares(lane), 0, -1, withscores=True)
+    scores = {u.decode(): s for u, s in shares}
+    if user not in active:
+        floor = min((scores.get(u, 0.0) for u in active), default=0.0)
+        client.zadd(keys.lane_shares(lane), {user: floor})
+    client.zadd(keys.lane_jobs(lane), {job_id: created})
+    client.rpush(keys.FEEDER_WAKE, job_id)
+
+
+def _active_users(client: redis.Redis, lane: str) -> set[str]:
+    jobs = [j.decode() for j in client.zrange(keys.lane_jobs(lane), 0, -1)]
+    with client.pipeline() as pipe:
+        for job_id in jobs:
+            pipe.hmget(keys.job_hash(job_id), "user", "state")
+        rows = pipe.execute()
+    return {u.decode() for u, s in rows if u and s and JobState(s.decode()).runnable}
+
+
+def wake(client: redis.Redis, reason: str = "") -> None:
+    client.rpush(keys.FEEDER_WAKE, reason or "wake")
+
+
+class Feeder:
+    def __init__(self, client: redis.Redis, app, settings: Settings, depth: int = DEFAULT_DEPTH):
+        self.redis = client
+        self.app = app
+        self.settings = settings
+        self.queue = settings.queue
+        self.depth = depth
+        #: A worker whose heartbeat is older than this is dead.
+        self.dead_after = MISSED_HEARTBEATS * settings.lease_renew_interval + 2.0
+        self._swept: dict[str, float] = {}
+        self._plans: dict[str, Plan] = {}
+        self._stores: dict[str, Store] = {}
+
+    def plan(self, job: "JobView") -> Plan:
+        if job.job_id not in self._plans:
+            if job.store not in self._stores:
+                self._stores[job.store] = open_store(job.store, self.settings)
+            while len(self._plans) >= 64:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[job.job_id] = load_plan(self._stores[job.store], job.job_id)
+        return self._plans[job.job_id]
+
+    # --- one round ---------------------------------------------------------------------
+
+    def top_up(self) -> int:
+        """Reclaim dead workers' chunks, then fill every live worker's window. Returns chunks sent."""
+        token = uuid.uuid4().hex
+        if not self.redis.set(keys.FEEDER_LOCK, token, nx=True, px=30_000):
+            return 0
+        try:
+            workers = pool.read(self.redis, self.queue)
+            now = time.time()
+            live = [w for w in workers if now - w.heartbeat <= self.dead_after]
+            for dead in (w for w in workers if now - w.heartbeat > self.dead_after):
+                self._reclaim(dead)
+            jobs = self._jobs(live)
+            return self._fill(live, jobs)
+        finally:
+            # Release only our own lock (it may have expired and been taken).
+            self.redis.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
+                            "return 0", 1, keys.FEEDER_LOCK, token)
+
+    def _fill(self, live: list[WorkerView], jobs: list[JobView]) -> int:
+        sent = 0
+        progress = True
+        # One slot per worker per pass, so workers are served evenly.
+        while progress:
+            progress = False
+            for worker in sorted(live, key=lambda w: len(w.assigned)):
+                if len(worker.assigned) >= self.depth:
+                    continue
+                picked = self._pick(worker, jobs, live)
+                if picked is None:
+                    continue
+                self._send(worker, *picked)
+                sent += 1
+                progress = True
+        return sent
+
+    # --- reading state -------------------------------------------------------------------
+
+    def _jobs(self, live: list[WorkerView]) -> list[JobView]:
+        ids = [(lane, j.decode()) for lane in keys.LANES for j in self.redis.zrange(keys.lane_jobs(lane), 0, -1)]
+        with self.redis.pipeline() as pipe:
+            for _, job_id in ids:
+                pipe.hgetall(keys.job_hash(job_id))
+            rows = pipe.execute()
+        in_flight: dict[str, int] = {}
+        for worker in live:
+            for key in worker.assigned:
+                job_id = key.rsplit("/", 1)[0]
+                in_flight[job_id] = in_flight.get(job_id, 0) + 1
+        jobs = []
+        for (lane, job_id), data in zip(ids, rows):
+            data = {k.decode(): v.decode() for k, v in data.items()}
+            if not data or JobState(data["state"]).finished:
+                self.redis.zrem(keys.lane_jobs(lane), job_id)
+                continue
+            jobs.append(JobView(
+                job_id=job_id, lane=lane, priority=int(data.get("priority", 0)), user=data.get("user", ""),
+                created=float(data["created"]), store=data["store"],
+                seconds_per_item=float(data.get("seconds_per_item", DEFAULT_SECONDS_PER_ITEM)),
+                state=JobState(data["state"]), assigned=in_flight.get(job_id, 0),
+            ))
+        return jobs
+
+    # --- choosing ------------------------------------------------------------------------
+
+    def _pick(self, worker: WorkerView, jobs: list[JobView], live: list[WorkerView]):
+        while True:
+            candidates = [j for j in jobs if j.state.runnable and not j.exhausted]
+            if not candidates:
+                return None
+            best = min(j.rank for j in candidates)
+            level = [j for j in candidates if j.rank == best]
+            users = sorted({j.user for j in level})
+            shares = dict(zip(users, self.redis.zmscore(keys.lane_shares(level[0].lane), users)))
+            user = min(users, key=lambda u: (shares.get(u) or 0.0, min(j.created for j in level if j.user == u)))
+            job = min((j for j in level if j.user == user), key=lambda j: j.created)
+            number = self._next_chunk(job, worker, live)
+            if number is not None:
+                return job, number
+            job.exhausted = True
+            self._sweep(job)
+
+    def _next_chunk(self, job: JobView, worker: WorkerView, live: list[WorkerView]) -> int | None:
+        plan = self.plan(job)
+        while (back := self.redis.lpop(keys.handed_back(job.job_id))) is not None:
+            if not self._all_settled(job.job_id, plan, int(back)):
+                return int(back)
+        taken = {int(g): int(n) for g, n in self.redis.hgetall(keys.cursors(job.job_id)).items()}
+        left = {g: plan.group_chunk_count(g) - taken.get(g, 0) for g in range(len(plan.models))}
+        left = {g: n for g, n in left.items() if n > 0}
+        if not left:
+            return None
+        held = worker.will_hold()
+        elsewhere = set().union(*(w.will_hold() for w in live if w.name != worker.name))
+        order = sorted(left, key=lambda g: (plan.models[g] not in held, plan.models[g] in elsewhere, -left[g], g))
+        for group in order:
+            # Skip chunks already stored (a job rebuilt after a crash), a bounded number per call.
+            for _ in range(10_000):
+                ordinal = self.redis.hincrby(keys.cursors(job.job_id), group, 1) - 1
+                if ordinal >= plan.group_chunk_count(group):
+                    break
+                number = plan.group_chunk(group, ordinal)
+                if not self._all_settled(job.job_id, plan, number):
+                    return number
+            else:
+                return None
+        return None
+
+    def _all_settled(self, job_id: str, plan: Plan, number: int) -> bool:
+        """True when every item of the chunk is already done or failed."""
+        with self.redis.pipeline() as pipe:
+            for index in plan.chunk_range(number):
+                pipe.getbit(keys.done_bits(job_id), index)
+                pipe.getbit(keys.failed_bits(job_id), index)
+            bits = pipe.execute()
+        return all(a or b for a, b in zip(bits[::2], bits[1::2]))
+
+    # --- acting --------------------------------------------------------------------------
+
+    def _send(self, worker: WorkerView, job: JobView, number: int) -> None:
+        chunk = self.plan(job).chunk(number)
+        charge = len(chunk.items) * job.seconds_per_item
+        # Recorded before it is sent: a chunk is never in a queue without an owner to reclaim
+        # it from. A crash between the two leaves an assignment with no message, which the
+        # worker's death or the sweep below settles.
+        assignment = {"model": chunk.items[0].model, "items": len(chunk.items), "at": time.time()}
+        with self.redis.pipeline() as pipe:
+            pipe.hset(keys.worker_assigned(worker.name), keys.assignment(job.job_id, number), json.dumps(assignment))
+            pipe.zincrby(keys.lane_shares(job.lane), charge, job.user)
+            pipe.execute()
+        self.app.send_task(keys.RENDER_TASK, kwargs=chunk_message(chunk, job.store, job, charge), queue=worker.queue)
+        worker.assigned[keys.assignment(job.job_id, number)] = assignment
+        job.assigned += 1
+
+    def _reclaim(self, dead: WorkerView) -> None:
+        count = pool.release(self.redis, dead)
+        log.warning("worker %s missed its heartbeats; handed back %d chunks", dead.name, count)
+
+    def _sweep(self, job: JobView) -> None:
+        """A job with nothing left to hand out and nothing assigned, yet unfinished, lost chunks on
+        the way (a message lost with the broker, a crash between two steps): hand them back."""
+        if job.assigned or time.time() - self._swept.get(job.job_id, 0) < SWEEP_INTERVAL:
+            return
+        self._swept[job.job_id] = time.time()
+        plan = self.plan(job)
+        with self.redis.pipeline() as pipe:
+            pipe.get(keys.done_bits(job.job_id))
+            pipe.get(keys.failed_bits(job.job_id))
+            done, failed = pipe.execute()
+        missing = {plan.chunk_of(i) for i in unsettled(done, failed, plan.item_count)}
+        if missing:
+            log.warning("job %s: %d chunks were lost on the way; handing them out again", job.job_id, len(missing))
+            self.redis.rpush(keys.handed_back(job.job_id), *sorted(missing))
+            job.exhausted = False

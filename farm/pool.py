@@ -1,0 +1,111 @@
+"""The worker registry: who is in the pool, what each holds and does, and what it was given.
+
+Workers write it (a heartbeat from the Celery parent, the rest from the rendering
+process); the feeder reads it to route chunks and to hand back a dead worker's
+chunks; `farm workers` prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from farm import keys
+
+
+@dataclass
+class WorkerView:
+    name: str
+    queue: str
+    host: str = ""
+    gpu: str = ""
+    since: float = 0.0
+    heartbeat: float = 0.0
+    device: str = ""
+    models: list[str] = field(default_factory=list)
+    loads: int = 0
+    images: int = 0
+    images_per_minute: float = 0.0
+    #: {job, chunk, items, step, steps} while rendering, else None.
+    current: dict | None = None
+    assigned: dict[str, dict] = field(default_factory=dict)
+
+    def will_hold(self) -> set[str]:
+        """Models this worker holds or will load for the chunks it has been given."""
+        return set(self.models) | {a["model"] for a in self.assigned.values()}
+
+    def seconds_since_heartbeat(self, now: float | None = None) -> float:
+        return (now or time.time()) - self.heartbeat
+
+
+def register(client: redis.Redis, name: str, queue: str, host: str, gpu: str) -> None:
+    now = time.time()
+    with client.pipeline() as pipe:
+        pipe.hset(keys.WORKERS, name, json.dumps({"host": host, "gpu": gpu, "since": now, "queue": queue}))
+        pipe.hset(keys.worker_live(name), mapping={"heartbeat": now})
+        pipe.execute()
+
+
+def heartbeat(client: redis.Redis, name: str) -> None:
+    client.hset(keys.worker_live(name), "heartbeat", time.time())
+
+
+def publish(client: redis.Redis, name: str, **fields) -> None:
+    """Live fields of a worker (models, loads, current, images...); values are JSON-encoded."""
+    client.hset(keys.worker_live(name), mapping={k: json.dumps(v) for k, v in fields.items()})
+
+
+def read(client: redis.Redis, queue: str) -> list[WorkerView]:
+    names = sorted(n.decode() for n in client.hkeys(keys.WORKERS))
+    with client.pipeline() as pipe:
+        for name in names:
+            pipe.hget(keys.WORKERS, name)
+            pipe.hgetall(keys.worker_live(name))
+            pipe.hgetall(keys.worker_assigned(name))
+        rows = pipe.execute()
+    views = []
+    for i, name in enumerate(names):
+        info, live, assigned = rows[3 * i: 3 * i + 3]
+        info = json.loads(info) if info else {}
+        live = {k.decode(): v.decode() for k, v in live.items()}
+        value = lambda key, default: json.loads(live[key]) if key in live else default  # noqa: E731
+        views.append(WorkerView(
+            name=name, queue=info.get("queue") or keys.worker_queue(queue, name), host=info.get("host", ""),
+            gpu=info.get("gpu", ""), since=float(info.get("since", 0)), heartbeat=float(live.get("heartbeat", 0)),
+            device=value("device", ""), models=value("models", []), loads=value("loads", 0),
+            images=value("images", 0), images_per_minute=value("images_per_minute", 0.0),
+            current=value("current", None),
+            assigned={k.decode(): json.loads(v) for k, v in assigned.items()},
+        ))
+    return views
+
+
+def release(client: redis.Redis, worker: WorkerView | str, queue: str | None = None) -> int:
+    """Hand every chunk given to a worker back to its job and forget the worker.
+    Used by the feeder for a worker that stopped beating, and by a worker shutting down."""
+    name = worker if isinstance(worker, str) else worker.name
+    worker_queue = queue or (worker.queue if isinstance(worker, WorkerView) else None)
+    assigned = client.hkeys(keys.worker_assigned(name))
+    with client.pipeline() as pipe:
+        for key in assigned:
+            job_id, number = key.decode().rsplit("/", 1)
+            pipe.rpush(keys.handed_back(job_id), number)
+            pipe.hdel(keys.running(job_id), number)
+        pipe.delete(keys.worker_assigned(name), keys.worker_live(name))
+        if worker_queue:
+            pipe.delete(worker_queue)
+        pipe.hdel(keys.WORKERS, name)
+        pipe.rpush(keys.FEEDER_WAKE, name)
+        pipe.execute()
+    return len(assigned)
+
+
+def finished_chunk(client: redis.Redis, name: str, job_id: str, chunk: int) -> None:
+    """The worker is done with a chunk (rendered, failed, dropped or handed back)."""
+    with client.pipeline() as pipe:
+        pipe.hdel(keys.worker_assigned(name), keys.assignment(job_id, chunk))
+        pipe.rpush(keys.FEEDER_WAKE, name)
+        pipe.execute()
