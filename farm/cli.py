@@ -34,7 +34,7 @@ from farm.spec import load_spec
 app = typer.Typer(help="farm: a distributed render farm for Stable Diffusion.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 EXIT_DONE, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_SERVICE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 

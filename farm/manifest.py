@@ -16,7 +16,7 @@ from farm.store import Store
 FIELDS = (
     "index", "key", "prompt", "negative_prompt", "seed", "sampler", "schedule_type", "steps", "cfg_scale",
     "width", "height", "model", "model_hash", "mode", "sha256", "worker", "device", "seconds",
-    "batch", "batch_size", "batch_position", "params",
+    "batch", "batch_size", "batch_position", "rendered_with", "params",
 )
 
 

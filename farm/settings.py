@@ -45,6 +45,10 @@ class Settings:
     #: Largest batch a worker renders in one forward pass; a chunk above it is split.
     #: None: the job's batch_size. A worker that runs out of memory halves it by itself.
     max_batch: int | None = None
+    #: torch CPU threads per worker process. None: torch's default (every core), right for
+    #: one worker a host; several CPU workers on one host must split the cores, or their
+    #: thread pools fight (two 2-thread workers on 2 cores ran 20x slower than one).
+    cpu_threads: int | None = None
     #: Fault injection for the test suite: the worker raises out-of-memory on any batch
     #: larger than this. Never set it in production.
     inject_oom_above: int | None = None
@@ -65,7 +69,8 @@ class Settings:
             kwargs["model_configs"] = Path(env["FARM_MODEL_CONFIGS"])
         if env.get("FARM_CACHE_DIR"):
             kwargs["cache_dir"] = Path(env["FARM_CACHE_DIR"])
-        for name, var in (("max_batch", "FARM_MAX_BATCH"), ("inject_oom_above", "FARM_INJECT_OOM_ABOVE")):
+        for name, var in (("max_batch", "FARM_MAX_BATCH"), ("inject_oom_above", "FARM_INJECT_OOM_ABOVE"),
+                          ("cpu_threads", "FARM_CPU_THREADS")):
             if env.get(var):
                 kwargs[name] = int(env[var])
         if env.get("FARM_VISIBILITY_TIMEOUT"):
@@ -86,6 +91,8 @@ class Settings:
         }
         if self.max_batch:
             env["FARM_MAX_BATCH"] = str(self.max_batch)
+        if self.cpu_threads:
+            env["FARM_CPU_THREADS"] = str(self.cpu_threads)
         if self.inject_oom_above:
             env["FARM_INJECT_OOM_ABOVE"] = str(self.inject_oom_above)
         if self.model_configs:

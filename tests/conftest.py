@@ -180,6 +180,11 @@ class WorkerProcs:
         os.killpg(self.procs[name].pid, sig)
         self.procs[name].wait(timeout=60)
 
+    def terminate(self, name: str, timeout: float = 120) -> None:
+        """SIGTERM to the worker's main process only, as a supervisor or systemd sends it."""
+        self.procs[name].send_signal(signal.SIGTERM)
+        self.procs[name].wait(timeout=timeout)
+
     def stop_all(self) -> None:
         everything = [*self.procs.values(), *([self.dispatcher] if self.dispatcher else [])]
         for proc in everything:
@@ -198,8 +203,9 @@ class WorkerProcs:
 
 @pytest.fixture
 def farm_settings(redis_url, cache_dir, bucket, s3_env) -> Settings:
+    # One torch thread a worker: tests run up to two workers on two cores.
     return Settings.from_env().with_overrides(
-        broker_url=redis_url, store=f"s3://{bucket}/renders", cache_dir=cache_dir, device="cpu"
+        broker_url=redis_url, store=f"s3://{bucket}/renders", cache_dir=cache_dir, device="cpu", cpu_threads=1
     )
 
 

@@ -43,6 +43,8 @@ class Runtime:
     @classmethod
     def create(cls, settings: Settings) -> "Runtime":
         device = select_device(settings.device)
+        if settings.cpu_threads:
+            torch.set_num_threads(settings.cpu_threads)
         client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, health_check_interval=30)
         runtime = cls(
             settings=settings,

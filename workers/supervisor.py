@@ -70,9 +70,12 @@ def worker_command(slot: Slot, queue: str, loglevel: str) -> list[str]:
     ]
 
 
-def start(slot: Slot, queue: str, loglevel: str) -> None:
+def start(slot: Slot, queue: str, loglevel: str, siblings: int = 1) -> None:
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = slot.gpu if slot.gpu is not None else ""
+    if siblings > 1 and not env.get("FARM_CPU_THREADS"):
+        # Workers on one host split its cores; torch would give each of them all of them.
+        env["FARM_CPU_THREADS"] = str(max(1, (os.cpu_count() or 1) // siblings))
     slot.process = subprocess.Popen(worker_command(slot, queue, loglevel), env=env)
     slot.started = time.monotonic()
     log.info("started %s (pid %d) on %s", slot.name, slot.process.pid, f"GPU {slot.gpu}" if slot.gpu else "CPU")
@@ -93,7 +96,7 @@ def supervise(gpus: list[str | None], queue: str, loglevel: str = "INFO", name: 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     for slot in slots:
-        start(slot, queue, loglevel)
+        start(slot, queue, loglevel, len(slots))
     while True:
         if stopping:
             for slot in slots:
@@ -107,7 +110,7 @@ def supervise(gpus: list[str | None], queue: str, loglevel: str = "INFO", name: 
                 if time.monotonic() - slot.started < RESTART_BACKOFF_SECONDS:
                     time.sleep(RESTART_BACKOFF_SECONDS)
                 if not stopping:
-                    start(slot, queue, loglevel)
+                    start(slot, queue, loglevel, len(slots))
         time.sleep(0.5)
 
 
