@@ -5,8 +5,10 @@ with an SD1.5-shaped pipeline (random weights from its known configuration).
 
 Part 1 renders every mode on the tiny model on the GPU and checks what must hold there
 (finite pixels, inpaint keeping every pixel outside the mask, the same batch giving the
-same bytes). Part 2 prints images/s for the plain loop and for packed batches, peak GPU
-memory, and their ratio, measured in the same run.
+same bytes). Part 2 prints images/s and peak GPU memory for the stock pipeline called
+once per image, then for the worker's render path: batch 1 and packed, on channels-last
+weights (as workers load models on CUDA), then packed with torch.compile (FARM_COMPILE=1),
+each with its ratio to the loop, all in the same run.
 """
 
 from __future__ import annotations
@@ -92,10 +94,9 @@ def sd15_shaped(device: torch.device) -> LoadedModel:
                                    scheduler=EulerAncestralDiscreteScheduler.from_config(SCHEDULER_CONFIG),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipe.to(device, dtype_for(device))
-    pipe.unet.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
     params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
-    print(f"SD1.5-shaped pipeline: UNet {params:.0f}M parameters, fp16, SDPA attention, channels-last UNet")
+    print(f"SD1.5-shaped pipeline: UNet {params:.0f}M parameters, {pipe.unet.dtype}, SDPA attention")
     return LoadedModel("sd15-shaped", "sd15-shaped", "", Path("."), pipe, dict(pipe.scheduler.config), own_vae=pipe.vae)
 
 
@@ -104,35 +105,54 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def throughput(model: LoadedModel, count: int, batch: int, steps: int, size: int) -> None:
-    items = [item(i, steps=steps, width=size, height=size, model="sd15-shaped") for i in range(count)]
-    render.render(model, items[:1], None)  # warm up kernels
-    render.render(model, items[:batch], None)
-    _sync()
-
+def _timed(label: str, count: int, run, baseline: float | None = None) -> float:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    for it in items:
-        render.render(model, [it], None)
+    run()
     _sync()
-    loop = count / (time.perf_counter() - started)
-    loop_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    rate = count / (time.perf_counter() - started)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    ratio = f"  {rate / baseline:5.2f}x the loop" if baseline else ""
+    print(f"{label:44s} {rate:6.2f} images/s  peak {memory:5.1f} GiB{ratio}", flush=True)
+    return rate
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for start in range(0, count, batch):
-        render.render(model, items[start:start + batch], None)
-    _sync()
-    packed = count / (time.perf_counter() - started)
-    packed_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    where = torch.cuda.get_device_name() if cuda else "CPU"
+
+def throughput(model: LoadedModel, count: int, batch: int, steps: int, size: int, compile_unet: bool) -> None:
+    """The plain loop (the stock pipeline called once per image) against the worker's render path:
+    packed batches on channels-last weights, then the same with torch.compile."""
+    from workers.models import optimize_for_device
+
+    pipe = model.pipe
+    items = [item(i, steps=steps, width=size, height=size, model="sd15-shaped") for i in range(count)]
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{count} images {size}x{size}, {steps} steps, Euler a, CFG 7, {where}")
-    print(f"batch-1 loop:        {loop:6.2f} images/s  peak {loop_mem:5.1f} GiB")
-    print(f"packed (batch {batch:2d}):  {packed:6.2f} images/s  peak {packed_mem:5.1f} GiB")
-    print(f"ratio packed/loop: {packed / loop:.2f}x")
+
+    def plain_loop():
+        for it in items:
+            pipe(it.prompt, num_inference_steps=steps, width=size, height=size, guidance_scale=7.0,
+                 generator=torch.Generator(pipe.device).manual_seed(it.seed))
+
+    def farm(batch_size):
+        def run():
+            for start in range(0, count, batch_size):
+                render.render(model, items[start:start + batch_size], None)
+        return run
+
+    pipe(items[0].prompt, num_inference_steps=2, width=size, height=size)  # warm up kernels
+    loop = _timed("plain loop (stock pipeline, batch 1)", count, plain_loop)
+    optimize_for_device(pipe, pipe.device)
+    farm(batch)()  # warm up the packed shape
+    _timed("farm render path, batch 1, channels-last", count, farm(1), loop)
+    _timed(f"farm render path, batch {batch}, channels-last", count, farm(batch), loop)
+    if compile_unet:
+        pipe.unet = torch.compile(pipe.unet)
+        started = time.perf_counter()
+        farm(batch)()
+        _sync()
+        print(f"torch.compile warm-up (first batch of {batch}): {time.perf_counter() - started:.0f} s", flush=True)
+        _timed(f"farm render path, batch {batch}, channels-last, compiled", count, farm(batch), loop)
 
 
 def main() -> None:
@@ -142,11 +162,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--skip-smoke", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
-    smoke(device)
-    throughput(sd15_shaped(device), args.images, args.batch_size, args.steps, args.size)
+    if not args.skip_smoke:
+        smoke(device)
+    throughput(sd15_shaped(device), args.images, args.batch_size, args.steps, args.size, not args.no_compile)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ class Settings:
     #: Largest batch a worker renders in one forward pass; a chunk above it is split.
     #: None: the job's batch_size. A worker that runs out of memory halves it by itself.
     max_batch: int | None = None
+    #: torch.compile every UNet a CUDA worker loads: minutes of warm-up for each new shape,
+    #: then faster steps; worth it for long sweeps of one shape.
+    compile_unet: bool = False
     #: torch CPU threads per worker process. None: torch's default (every core), right for
     #: one worker a host; several CPU workers on one host must split the cores, or their
     #: thread pools fight (two 2-thread workers on 2 cores ran 20x slower than one).
@@ -65,6 +68,8 @@ class Settings:
         }
         if env.get("FARM_ALLOW_PICKLE_CHECKPOINTS", "").lower() in ("1", "true", "yes"):
             kwargs["allow_pickle"] = True
+        if env.get("FARM_COMPILE", "").lower() in ("1", "true", "yes"):
+            kwargs["compile_unet"] = True
         if env.get("FARM_MODEL_CONFIGS"):
             kwargs["model_configs"] = Path(env["FARM_MODEL_CONFIGS"])
         if env.get("FARM_CACHE_DIR"):
@@ -91,6 +96,8 @@ class Settings:
         }
         if self.max_batch:
             env["FARM_MAX_BATCH"] = str(self.max_batch)
+        if self.compile_unet:
+            env["FARM_COMPILE"] = "1"
         if self.cpu_threads:
             env["FARM_CPU_THREADS"] = str(self.cpu_threads)
         if self.inject_oom_above:

@@ -51,7 +51,7 @@ class Runtime:
             device=device,
             device_name=describe(device),
             models=ModelCache(settings.cache_dir, device, dtype_for(device), config_override=settings.model_configs,
-                              allow_pickle=settings.allow_pickle),
+                              allow_pickle=settings.allow_pickle, compile_unet=settings.compile_unet),
             redis=client,
             board=JobBoard(client),
         )
