@@ -5,6 +5,8 @@ it gets and the farm's own cost shows: taking the message, Redis bookkeeping, th
 upload to a local store, the record, the feeder's next hand-out. Each round renders the
 same items through a plain loop and through the farm (real Redis, dispatcher, one
 worker); the overhead of a round is (farm time - loop time) / items. Prints the median.
+Both sides render with one torch thread, as a GPU worker leaves the CPU to the rest;
+the other core runs Redis and the dispatcher, as on a real pool.
 
     python -m bench.overhead --images 40 --rounds 7
 """
@@ -24,6 +26,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
+    import torch
+
     from workers.tiny import TINY_SD, builtin_model_dir
 
     with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
@@ -31,8 +35,9 @@ def main() -> None:
         builtin_model_dir(TINY_SD, tmp / "cache")
         spec = make_spec(args.images, 64, 1, 1)
         (tmp / "loop").mkdir()
+        torch.set_num_threads(1)
         loop = plain_loop(spec, tmp / "cache", tmp / "loop", repeats=args.rounds)
-        farm = through_farm(spec, tmp / "cache", tmp, repeats=args.rounds)
+        farm = through_farm(spec, tmp / "cache", tmp, repeats=args.rounds, cpu_threads=1)
     n = spec.item_count
     per_round = [1000 * (1 / f - 1 / lo) for f, lo in zip(farm, loop)]
     print(f"{n} images a round, {args.rounds} rounds, tiny-sd 64x64, 1 step, batch size 1")

@@ -136,6 +136,11 @@ class Feeder:
         #: A worker whose heartbeat is older than this is dead.
         self.dead_after = MISSED_HEARTBEATS * settings.lease_renew_interval + 2.0
         self._swept: dict[str, float] = {}
+        #: Since when this feeder has run without a gap: after a gap (Redis away, the process
+        #: stopped) every heartbeat looks old, so nobody is taken for dead until a full
+        #: `dead_after` of rounds has passed again.
+        self.running_since = 0.0
+        self._last_round = 0.0
         self._plans: dict[str, Plan] = {}
         self._stores: dict[str, Store] = {}
 
@@ -158,9 +163,13 @@ class Feeder:
         try:
             workers = pool.read(self.redis, self.queue)
             now = time.time()
+            if now - self._last_round > 5.0:
+                self.running_since = now
+            self._last_round = now
             live = [w for w in workers if now - w.heartbeat <= self.dead_after]
-            for dead in (w for w in workers if now - w.heartbeat > self.dead_after):
-                self._reclaim(dead)
+            if now - self.running_since >= self.dead_after:
+                for dead in (w for w in workers if now - w.heartbeat > self.dead_after):
+                    self._reclaim(dead)
             jobs = self._jobs(live)
             return self._fill(live, jobs)
         finally:

@@ -41,16 +41,25 @@ class WorkerView:
         return (now or time.time()) - self.heartbeat
 
 
-def register(client: redis.Redis, name: str, queue: str, host: str, gpu: str) -> None:
+def register(client: redis.Redis, name: str, queue: str, host: str, gpu: str) -> str:
+    """Enter the pool; returns the entry, which each heartbeat puts back if it went missing."""
     now = time.time()
+    entry = json.dumps({"host": host, "gpu": gpu, "since": now, "queue": queue})
     with client.pipeline() as pipe:
-        pipe.hset(keys.WORKERS, name, json.dumps({"host": host, "gpu": gpu, "since": now, "queue": queue}))
+        pipe.hset(keys.WORKERS, name, entry)
         pipe.hset(keys.worker_live(name), mapping={"heartbeat": now})
         pipe.execute()
+    return entry
 
 
-def heartbeat(client: redis.Redis, name: str) -> None:
-    client.hset(keys.worker_live(name), "heartbeat", time.time())
+def heartbeat(client: redis.Redis, name: str, entry: str | None = None) -> None:
+    """A live worker says so. With its entry, it also re-enters a pool that forgot it (Redis lost
+    its data, or the feeder took it for dead while Redis was away)."""
+    with client.pipeline() as pipe:
+        pipe.hset(keys.worker_live(name), "heartbeat", time.time())
+        if entry:
+            pipe.hsetnx(keys.WORKERS, name, entry)
+        pipe.execute()
 
 
 def publish(client: redis.Redis, name: str, **fields) -> None:

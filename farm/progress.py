@@ -59,6 +59,18 @@ return {new, 0}
 """
 
 
+# KEYS: job hash, running hash, deliveries hash. ARGV: chunk, running row, now.
+_START = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'running' then return state end
+redis.call('HSET', KEYS[1], 'state', 'running')
+redis.call('HSETNX', KEYS[1], 'started', ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+return state
+"""
+
+
 @dataclass
 class JobStatus:
     job_id: str
@@ -102,6 +114,7 @@ class JobBoard:
     def __init__(self, client: redis.Redis):
         self.redis = client
         self._mark = client.register_script(_MARK)
+        self._start = client.register_script(_START)
 
     @classmethod
     def from_url(cls, url: str) -> "JobBoard":
@@ -128,21 +141,13 @@ class JobBoard:
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(keys.job_hash(job_id)))
 
-    def mark_running(self, job_id: str, chunk: int, worker: str, items: int) -> None:
-        now = time.time()
-        with self.redis.pipeline() as pipe:
-            pipe.hsetnx(keys.job_hash(job_id), "started", now)
-            pipe.hset(keys.running(job_id), chunk, json.dumps({"worker": worker, "items": items, "since": now}))
-            pipe.hincrby(keys.deliveries(job_id), chunk, 1)
-            pipe.execute()
-        self._promote(job_id)
-
-    def _promote(self, job_id: str) -> None:
-        # queued -> running, never backwards from a final state.
-        self.redis.eval(
-            "if redis.call('HGET', KEYS[1], 'state') == ARGV[1] then redis.call('HSET', KEYS[1], 'state', ARGV[2]) end",
-            1, keys.job_hash(job_id), JobState.QUEUED.value, JobState.RUNNING.value,
-        )
+    def start_chunk(self, job_id: str, chunk: int, worker: str, items: int) -> JobState | None:
+        """In one round trip: the job's state, and if it is runnable, the chunk marked running
+        (and the job too). A paused, cancelled, finished or unknown job's chunk is not marked."""
+        state = self._start(keys=[keys.job_hash(job_id), keys.running(job_id), keys.deliveries(job_id)],
+                            args=[chunk, json.dumps({"worker": worker, "items": items, "since": time.time()}),
+                                  time.time()])
+        return JobState(state.decode()) if state else None
 
     def clear_running(self, job_id: str, chunk: int) -> None:
         self.redis.hdel(keys.running(job_id), chunk)

@@ -145,11 +145,22 @@ def test_a_dead_workers_chunks_go_to_a_live_one(settings, feeder, redis_client):
     redis_client.hset(keys.worker_live(dead), "heartbeat", time.time() - 3600)
     alive = worker(redis_client, "alive")
     feeder.top_up()
+    assert redis_client.hexists(keys.WORKERS, dead), "a feeder that just started takes nobody for dead"
+    feeder.running_since -= 3600  # as if it had run for an hour
+    feeder.top_up()
     assert not redis_client.hexists(keys.WORKERS, dead)
     assert assigned(redis_client, alive) == lost
     while render_one(redis_client, settings, alive):
         feeder.top_up()
     assert JobBoard(redis_client).status(job_id).state is JobState.DONE
+
+
+def test_a_worker_forgotten_by_the_pool_comes_back_with_its_next_heartbeat(redis_client):
+    entry = pool.register(redis_client, "w", "farm.render.w", "host", "0")
+    redis_client.flushall()  # Redis lost its data
+    pool.heartbeat(redis_client, "w", entry)
+    [view] = pool.read(redis_client, "farm.render")
+    assert (view.name, view.gpu, view.queue) == ("w", "0", "farm.render.w")
 
 
 def test_chunks_lost_on_the_way_are_swept_back_in(settings, feeder, redis_client, monkeypatch):

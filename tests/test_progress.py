@@ -4,7 +4,7 @@ from farm.progress import JobBoard, JobState
 def test_counts_are_exact_under_redelivery_and_completion_fires_once(redis_client):
     board = JobBoard(redis_client)
     board.create("job-a", total=6, chunks=2, store_url="/tmp/x", user="ann")
-    board.mark_running("job-a", 0, "w1", 3)
+    assert board.start_chunk("job-a", 0, "w1", 3) is JobState.QUEUED
     assert board.status("job-a").state is JobState.RUNNING
     assert board.mark_done("job-a", [0, 1, 2]) is False
     assert board.mark_done("job-a", [0, 1, 2]) is False  # redelivered chunk: no double count
@@ -31,11 +31,21 @@ def test_failures_are_listed_with_reasons_and_end_the_job(redis_client):
 def test_running_and_queued_counts(redis_client):
     board = JobBoard(redis_client)
     board.create("job-c", total=10, chunks=3, store_url="/tmp/x", user="ann")
-    board.mark_running("job-c", 0, "w1", 4)
-    board.mark_running("job-c", 1, "w2", 4)
+    board.start_chunk("job-c", 0, "w1", 4)
+    board.start_chunk("job-c", 1, "w2", 4)
     board.mark_done("job-c", [0, 1, 2, 3])
     board.clear_running("job-c", 0)
     status = board.status("job-c")
     assert (status.running, status.done, status.queued) == (4, 4, 2)
     assert status.workers == ["w2"]
     assert board.deliveries("job-c") == {0: 1, 1: 1}
+
+
+def test_a_chunk_of_a_paused_cancelled_or_unknown_job_is_not_started(redis_client):
+    board = JobBoard(redis_client)
+    board.create("job-d", total=4, chunks=2, store_url="/tmp/x", user="ann")
+    for state in (JobState.PAUSED, JobState.CANCELLED, JobState.DONE):
+        redis_client.hset("farm:job:job-d", "state", state.value)
+        assert board.start_chunk("job-d", 0, "w1", 2) is state
+    assert board.start_chunk("job-nobody", 0, "w1", 2) is None
+    assert board.deliveries("job-d") == {} and board.status("job-d").running == 0

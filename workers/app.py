@@ -37,9 +37,9 @@ def _announce(sender=None, **_) -> None:
     global _lease
     client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5)
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or "none"
-    pool.register(client, sender.hostname, keys.worker_queue(settings.queue, sender.hostname), socket.gethostname(),
-                  gpu)
-    _lease = LeaseKeeper(client, settings.lease_renew_interval, sender.hostname).start()
+    entry = pool.register(client, sender.hostname, keys.worker_queue(settings.queue, sender.hostname),
+                          socket.gethostname(), gpu)
+    _lease = LeaseKeeper(client, settings.lease_renew_interval, sender.hostname, entry).start()
     client.rpush(keys.FEEDER_WAKE, sender.hostname)
 
 

@@ -42,10 +42,11 @@ def held_delivery_tags() -> list[str]:
 class LeaseKeeper:
     """Renews message leases and beats the worker's heartbeat, every `interval` seconds."""
 
-    def __init__(self, client: redis.Redis, interval: float, worker: str | None = None):
+    def __init__(self, client: redis.Redis, interval: float, worker: str | None = None, entry: str | None = None):
         self.client = client
         self.interval = interval
         self.worker = worker
+        self.entry = entry
         self.renewals = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="farm-lease", daemon=True)
@@ -71,7 +72,7 @@ class LeaseKeeper:
         while not self._stop.wait(self.interval):
             try:
                 if self.worker:
-                    pool.heartbeat(self.client, self.worker)
+                    pool.heartbeat(self.client, self.worker, self.entry)
                 self.renew()
             except redis.RedisError as e:
                 log.warning("could not renew message leases: %s", e)

@@ -32,7 +32,9 @@ class StepReporter:
         self.passes = 2 if chunk.items[0].hires else 1
         self.pass_index = 0
         self.last_step = -1
-        self.last_report = 0.0
+        # The first report comes after `every` seconds too: a chunk shorter than that is over
+        # before anyone could watch it, and costs no round trip.
+        self.last_report = time.monotonic()
         self.since = time.time()
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
@@ -83,11 +85,8 @@ class Pace:
         return round(60 * sum(e[2] for e in self.events) / max(span, 1e-3), 1)
 
 
-def publish_idle(client: redis.Redis, worker: str, runtime, pace: Pace) -> None:
-    pool.publish(client, worker, current=None, models=runtime.models.refs(), loads=runtime.models.loads,
-                 device=runtime.device_name, images=pace.images, images_per_minute=pace.per_minute)
-
-
-def publish_start(client: redis.Redis, worker: str, chunk: Chunk) -> None:
-    pool.publish(client, worker, current={"job": chunk.job_id, "chunk": chunk.number, "items": chunk.batch_size,
-                                          "step": 0, "steps": chunk.items[0].steps})
+def idle_fields(runtime, pace: Pace) -> dict[str, str]:
+    """The worker's live fields between chunks, JSON-encoded for its hash."""
+    fields = {"current": None, "models": runtime.models.refs(), "loads": runtime.models.loads,
+              "device": runtime.device_name, "images": pace.images, "images_per_minute": pace.per_minute}
+    return {k: json.dumps(v) for k, v in fields.items()}

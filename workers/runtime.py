@@ -38,6 +38,8 @@ class Runtime:
     #: out-of-memory errors; kept for the life of the process.
     safe_batch: dict = field(default_factory=dict)
     pace: Pace = field(default_factory=Pace)
+    #: Model loads last written to the worker's live hash.
+    published_loads: int = -1
     _stores: dict[str, Store] = field(default_factory=dict)
 
     @classmethod

@@ -122,8 +122,9 @@ def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
     # 1. Decode, and look at the job first: a paused job gets the chunk back, a cancelled
     #    or forgotten one drops it.
     chunk, store_url = decode(message)
+    timing: tuple[float, float] | None = None
     try:
-        state = runtime.board.state(chunk.job_id)
+        state = runtime.board.start_chunk(chunk.job_id, chunk.number, worker, chunk.batch_size)
         if state is JobState.PAUSED:
             runtime.redis.rpush(keys.handed_back(chunk.job_id), chunk.number)
             return []
@@ -131,45 +132,59 @@ def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
             log.info("chunk %s/%d dropped: the job is %s", chunk.job_id, chunk.number,
                      state.value if state else "unknown")
             return []
-        return _run(runtime, chunk, store_url, message, worker)
-    finally:
-        _quietly(pool.finished_chunk, runtime.redis, worker, chunk.job_id, chunk.number)
-
-
-def _run(runtime: Runtime, chunk: Chunk, store_url: str, message: dict, worker: str) -> list[Output]:
-    store = runtime.store(store_url)
-    runtime.board.mark_running(chunk.job_id, chunk.number, worker, chunk.batch_size)
-    started = time.time()
-    try:
-        # 2. Skip items whose image and record already exist with the same parameters.
-        missing = [it for it in chunk.items if not with_backoff(
-            lambda it=it: already_stored(store, chunk, it), "checking stored items")]
-        outputs: list[Output] = []
-        if missing:
-            reporting.publish_start(runtime.redis, worker, chunk)
-            try:
-                outputs = _render_and_store(runtime, store, chunk, missing, worker)
-            except JobCancelled:
-                log.info("chunk %s/%d stopped: the job was cancelled", chunk.job_id, chunk.number)
-                return []
-            except RetriableError as e:
-                _try_later(runtime, store, chunk, e)
-                return []
-            except Exception as e:
-                # Recorded, then raised: the items end failed with the reason instead of
-                # leaving the job waiting forever, and Celery logs the traceback.
-                _fail(runtime, store, chunk, _reason(e))
-                raise
-        else:
-            log.info("chunk %s/%d already stored; skipping", chunk.job_id, chunk.number)
-        # 7. Report, and settle the fair-share charge with the seconds this chunk really took.
-        _report(runtime, store, chunk.job_id, [it.index for it in chunk.items])
+        started = time.time()
+        outputs = _run(runtime, chunk, store_url, worker)
         if outputs:
-            _settle(runtime, message, chunk, started, time.time(), len(outputs))
+            timing = (started, time.time())
         return outputs
     finally:
-        _quietly(runtime.board.clear_running, chunk.job_id, chunk.number)
-        _quietly(reporting.publish_idle, runtime.redis, worker, runtime, runtime.pace)
+        _quietly(_wrap_up, runtime, worker, chunk, message, timing)
+
+
+def _run(runtime: Runtime, chunk: Chunk, store_url: str, worker: str) -> list[Output]:
+    store = runtime.store(store_url)
+    # 2. Skip items whose image and record already exist with the same parameters.
+    missing = [it for it in chunk.items if not with_backoff(
+        lambda it=it: already_stored(store, chunk, it), "checking stored items")]
+    outputs: list[Output] = []
+    if missing:
+        try:
+            outputs = _render_and_store(runtime, store, chunk, missing, worker)
+        except JobCancelled:
+            log.info("chunk %s/%d stopped: the job was cancelled", chunk.job_id, chunk.number)
+            return []
+        except RetriableError as e:
+            _try_later(runtime, store, chunk, e)
+            return []
+        except Exception as e:
+            # Recorded, then raised: the items end failed with the reason instead of
+            # leaving the job waiting forever, and Celery logs the traceback.
+            _fail(runtime, store, chunk, _reason(e))
+            raise
+    else:
+        log.info("chunk %s/%d already stored; skipping", chunk.job_id, chunk.number)
+    # 7. Report.
+    _report(runtime, store, chunk.job_id, [it.index for it in chunk.items])
+    return outputs
+
+
+def _wrap_up(runtime: Runtime, worker: str, chunk: Chunk, message: dict, timing: tuple[float, float] | None) -> None:
+    """One round trip after every chunk: it no longer runs, the worker is idle, its slot is free
+    (which wakes the feeder), and the fair-share charge is settled with the seconds it took."""
+    with runtime.redis.pipeline(transaction=False) as pipe:
+        pipe.hdel(keys.running(chunk.job_id), chunk.number)
+        if timing:
+            started, finished = timing
+            runtime.pace.add(started, finished, chunk.batch_size)
+            seconds = finished - started
+            pipe.hset(keys.job_hash(chunk.job_id), "seconds_per_item", round(seconds / chunk.batch_size, 4))
+            if message.get("user") and message.get("lane") in keys.LANES:
+                pipe.zincrby(keys.lane_shares(message["lane"]), seconds - float(message.get("charge", 0)),
+                             message["user"])
+        pipe.hset(keys.worker_live(worker), mapping=reporting.idle_fields(runtime, runtime.pace))
+        pipe.hdel(keys.worker_assigned(worker), keys.assignment(chunk.job_id, chunk.number))
+        pipe.rpush(keys.FEEDER_WAKE, worker)
+        pipe.execute()
 
 
 def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: list[Item], worker: str) -> list[Output]:
@@ -177,7 +192,9 @@ def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: lis
     first = chunk.items[0]
     model = runtime.models.get(first.model)
     vae = runtime.models.vae(first.vae) if first.vae else None
-    pool.publish(runtime.redis, worker, models=runtime.models.refs(), loads=runtime.models.loads)
+    if runtime.models.loads != runtime.published_loads:
+        pool.publish(runtime.redis, worker, models=runtime.models.refs(), loads=runtime.models.loads)
+        runtime.published_loads = runtime.models.loads
     # 4. Render the whole chunk, in as few forward passes as fit (each image in its planned batch).
     started = time.perf_counter()
     reporter = reporting.StepReporter(runtime.redis, worker, chunk)
@@ -241,17 +258,6 @@ def _try_later(runtime: Runtime, store: Store, chunk: Chunk, error: Exception) -
     log.warning("chunk %s/%d: %s; handing it back (try %d of %d)", chunk.job_id, chunk.number, error, tries,
                 MAX_TRANSIENT_ATTEMPTS)
     runtime.redis.rpush(keys.handed_back(chunk.job_id), chunk.number)
-
-
-def _settle(runtime: Runtime, message: dict, chunk: Chunk, started: float, finished: float, images: int) -> None:
-    runtime.pace.add(started, finished, images)
-    seconds = finished - started
-    with runtime.redis.pipeline() as pipe:
-        pipe.hset(keys.job_hash(chunk.job_id), "seconds_per_item", round(seconds / chunk.batch_size, 4))
-        if message.get("user") and message.get("lane") in keys.LANES:
-            pipe.zincrby(keys.lane_shares(message["lane"]), seconds - float(message.get("charge", 0)),
-                         message["user"])
-        pipe.execute()
 
 
 def _reason(error: Exception) -> str:
