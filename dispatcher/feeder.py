@@ -26,7 +26,8 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
 import redis
 
 from farm import keys, pool
@@ -46,6 +47,9 @@ DEFAULT_DEPTH = 2
 DEFAULT_SECONDS_PER_ITEM = 1.0
 #: How many heartbeats a worker may miss before its chunks are handed to others.
 MISSED_HEARTBEATS = 3
+#: How long the feeder lock outlives a dispatcher killed in the middle of a round (a round
+#: takes milliseconds); the next dispatcher waits this long at most.
+LOCK_MS = 5_000
 #: A job with nothing left to hand out, yet unfinished and with nothing assigned, is
 #: checked for lost chunks (a message lost with the broker, a dispatcher killed between
 #: two steps) at most this often.
@@ -64,7 +68,6 @@ class JobView:
     state: JobState
     exhausted: bool = False
     assigned: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -158,7 +161,7 @@ class Feeder:
     def top_up(self) -> int:
         """Reclaim dead workers' chunks, then fill every live worker's window. Returns chunks sent."""
         token = uuid.uuid4().hex
-        if not self.redis.set(keys.FEEDER_LOCK, token, nx=True, px=30_000):
+        if not self.redis.set(keys.FEEDER_LOCK, token, nx=True, px=LOCK_MS):
             return 0
         try:
             workers = pool.read(self.redis, self.queue)
@@ -170,6 +173,8 @@ class Feeder:
             if now - self.running_since >= self.dead_after:
                 for dead in (w for w in workers if now - w.heartbeat > self.dead_after):
                     self._reclaim(dead)
+                for worker in live:
+                    self._reconcile(worker, now)
             jobs = self._jobs(live)
             return self._fill(live, jobs)
         finally:
@@ -281,8 +286,8 @@ class Feeder:
         chunk = self.plan(job).chunk(number)
         charge = len(chunk.items) * job.seconds_per_item
         # Recorded before it is sent: a chunk is never in a queue without an owner to reclaim
-        # it from. A crash between the two leaves an assignment with no message, which the
-        # worker's death or the sweep below settles.
+        # it from. A crash between the two leaves an assignment with no message, which
+        # _reconcile hands back a few heartbeats later.
         assignment = {"model": chunk.items[0].model, "items": len(chunk.items), "at": time.time()}
         with self.redis.pipeline() as pipe:
             pipe.hset(keys.worker_assigned(worker.name), keys.assignment(job.job_id, number), json.dumps(assignment))
@@ -295,6 +300,24 @@ class Feeder:
     def _reclaim(self, dead: WorkerView) -> None:
         count = pool.release(self.redis, dead)
         log.warning("worker %s missed its heartbeats; handed back %d chunks", dead.name, count)
+
+    def _reconcile(self, worker: WorkerView, now: float) -> None:
+        """Drop assignments whose message never reached the worker (a dispatcher killed between
+        recording a chunk and sending it, a message lost with the broker): not in its queue, not
+        held at its last heartbeat, and older than a few heartbeats. Their chunks are handed back."""
+        old = [k for k, a in worker.assigned.items() if now - a.get("at", now) > self.dead_after]
+        if not old:
+            return
+        queued = pool.queued_chunks(self.redis, worker.queue)
+        lost = [k for k in old if k not in queued and k not in worker.holding]
+        for key in lost:
+            job_id, number = key.rsplit("/", 1)
+            with self.redis.pipeline() as pipe:
+                pipe.hdel(keys.worker_assigned(worker.name), key)
+                pipe.rpush(keys.handed_back(job_id), number)
+                pipe.execute()
+            del worker.assigned[key]
+            log.warning("chunk %s was assigned to %s but never reached it; handed back", key, worker.name)
 
     def _sweep(self, job: JobView) -> None:
         """A job with nothing left to hand out and nothing assigned, yet unfinished, lost chunks on

@@ -262,12 +262,14 @@ def status(
 def results(
     job_id: str = typer.Argument(...),
     out_dir: Path = typer.Option(Path("."), "--out", help="folder to download into (job in a sub-folder)"),
+    urls: bool = typer.Option(False, "--urls", help="print presigned download URLs instead of downloading"),
+    expires: str = typer.Option("1h", "--expires", help="with --urls: how long they work (3600, 30m, 1h, 7d)"),
     broker: Optional[str] = BrokerOpt,
     store: Optional[str] = StoreOpt,
     endpoint_url: Optional[str] = EndpointOpt,
 ):
-    """Download a job's images, job.json and manifest.jsonl."""
-    from dispatcher.results import download
+    """Download a job's images, job.json and manifest.jsonl, or share them by presigned URL."""
+    from dispatcher.results import download, parse_duration, share
     from farm.store import open_store
 
     with _errors():
@@ -283,6 +285,11 @@ def results(
         if not store_url:
             raise ValueError("no store: set FARM_STORE or pass --store")
         source = open_store(store_url, settings)
+        if urls:
+            seconds = parse_duration(expires)
+            for key, url in share(source, job_id, seconds):
+                typer.echo(f"{key}\t{url}")
+            return
         with _progress() as bar:
             task = bar.add_task("downloading", total=None, detail="")
             files = download(source, job_id, out_dir, on_file=lambda _k: bar.advance(task))

@@ -57,17 +57,21 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.05):
 class RedisServer:
     """A private redis-server on a free loopback port, with AOF so a restart keeps the queue."""
 
-    def __init__(self, directory: Path | None = None, port: int | None = None, password: str | None = None):
+    def __init__(self, directory: Path | None = None, port: int | None = None, password: str | None = None,
+                 user: str | None = None):
         self.dir = Path(directory or tempfile.mkdtemp(prefix="farm-redis-"))
         self.port = port or free_port()
         self.password = password
+        #: With a password: an ACL user that holds it, and the default user switched off.
+        self.user = user
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         from urllib.parse import quote
 
-        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        user = quote(self.user, safe="") if self.user else ""
+        auth = f"{user}:{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10) -> "RedisServer":
@@ -76,7 +80,9 @@ class RedisServer:
             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
             "--logfile", str(self.dir / "redis.log"),
         ]
-        if self.password:
+        if self.password and self.user:
+            args += ["--user", self.user, "on", f">{self.password}", "~*", "&*", "+@all", "--user", "default", "off"]
+        elif self.password:
             args += ["--requirepass", self.password]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

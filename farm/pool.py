@@ -32,6 +32,8 @@ class WorkerView:
     #: {job, chunk, items, step, steps} while rendering, else None.
     current: dict | None = None
     assigned: dict[str, dict] = field(default_factory=dict)
+    #: `<job>/<chunk>` the worker had taken from its queue at its last heartbeat.
+    holding: list[str] = field(default_factory=list)
 
     def will_hold(self) -> set[str]:
         """Models this worker holds or will load for the chunks it has been given."""
@@ -52,11 +54,12 @@ def register(client: redis.Redis, name: str, queue: str, host: str, gpu: str) ->
     return entry
 
 
-def heartbeat(client: redis.Redis, name: str, entry: str | None = None) -> None:
-    """A live worker says so. With its entry, it also re-enters a pool that forgot it (Redis lost
-    its data, or the feeder took it for dead while Redis was away)."""
+def heartbeat(client: redis.Redis, name: str, entry: str | None = None, holding: list[str] | None = None) -> None:
+    """A live worker says so, and which chunks it has taken from its queue. With its entry, it
+    also re-enters a pool that forgot it (Redis lost its data, or the feeder took it for dead
+    while Redis was away)."""
     with client.pipeline() as pipe:
-        pipe.hset(keys.worker_live(name), "heartbeat", time.time())
+        pipe.hset(keys.worker_live(name), mapping={"heartbeat": time.time(), "holding": json.dumps(holding or [])})
         if entry:
             pipe.hsetnx(keys.WORKERS, name, entry)
         pipe.execute()
@@ -86,7 +89,7 @@ def read(client: redis.Redis, queue: str) -> list[WorkerView]:
             gpu=info.get("gpu", ""), since=float(info.get("since", 0)), heartbeat=float(live.get("heartbeat", 0)),
             device=value("device", ""), models=value("models", []), loads=value("loads", 0),
             images=value("images", 0), images_per_minute=value("images_per_minute", 0.0),
-            current=value("current", None),
+            current=value("current", None), holding=value("holding", []),
             assigned={k.decode(): json.loads(v) for k, v in assigned.items()},
         ))
     return views
@@ -118,3 +121,33 @@ def finished_chunk(client: redis.Redis, name: str, job_id: str, chunk: int) -> N
         pipe.hdel(keys.worker_assigned(name), keys.assignment(job_id, chunk))
         pipe.rpush(keys.FEEDER_WAKE, name)
         pipe.execute()
+
+
+#: kombu's Redis transport: hash of delivered, unacknowledged messages.
+UNACKED = "unacked"
+
+
+def queued_chunks(client: redis.Redis, queue: str) -> set[str]:
+    """`<job>/<chunk>` of the render messages waiting in a worker's queue, or delivered to any
+    worker and not yet acknowledged (kombu's JSON envelopes)."""
+    raws = client.lrange(queue, 0, -1)
+    for raw in client.hvals(UNACKED):
+        try:
+            raws.append(json.dumps(json.loads(raw)[0]))
+        except (ValueError, IndexError, TypeError):
+            continue
+    return {chunk for chunk in map(_chunk_of, raws) if chunk}
+
+
+def _chunk_of(raw: bytes | str) -> str | None:
+    import base64
+
+    try:
+        envelope = json.loads(raw)
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+        return keys.assignment(str(kwargs["job"]), int(kwargs["chunk"]))
+    except (ValueError, KeyError, TypeError):
+        return None  # not a render message of ours; the worker refuses it

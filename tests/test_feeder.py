@@ -207,3 +207,20 @@ def test_unsettled_reads_redis_bit_order():
     failed = bytes([0b01000000])
     assert unsettled(done, failed, 5) == [3, 4]
     assert unsettled(None, None, 3) == [0, 1, 2]
+
+
+def test_an_assignment_whose_message_never_reached_the_worker_is_handed_back(settings, feeder, redis_client):
+    w = worker(redis_client, "w")
+    job_id = job(settings, items=8)
+    feeder.top_up()
+    queue = keys.worker_queue("farm.render", w)
+    assert pool.queued_chunks(redis_client, queue) == {f"{job_id}/0", f"{job_id}/1"}
+    # Both messages are gone from the queue; the worker took chunk 1 and holds it, chunk 0 was lost.
+    redis_client.delete(queue)
+    pool.heartbeat(redis_client, w, holding=[f"{job_id}/1"])
+    for key, row in redis_client.hgetall(keys.worker_assigned(w)).items():
+        redis_client.hset(keys.worker_assigned(w), key, json.dumps({**json.loads(row), "at": time.time() - 3600}))
+    feeder.running_since -= 3600
+    assert feeder.top_up() == 1
+    assert pool.queued_chunks(redis_client, queue) == {f"{job_id}/0"}
+    assert sorted(n for _, n in assigned(redis_client, w)) == [0, 1]

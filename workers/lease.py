@@ -18,29 +18,41 @@ import time
 import redis
 from celery.worker import state
 
-from farm import pool
+from farm import keys, pool
 
 log = logging.getLogger(__name__)
 
 UNACKED_INDEX = "unacked_index"
 
 
-def held_delivery_tags() -> list[str]:
-    """Delivery tags of the messages this worker process has reserved or is running."""
+def _held_requests() -> list:
     for _ in range(3):
         try:
-            requests = list(state.reserved_requests) + list(state.active_requests)
-            break
+            return list(state.reserved_requests) + list(state.active_requests)
         except RuntimeError:  # the sets changed while we copied them
             continue
-    else:
-        return []
-    tags = {getattr(getattr(r, "message", None), "delivery_tag", None) for r in requests}
+    return []
+
+
+def held_delivery_tags() -> list[str]:
+    """Delivery tags of the messages this worker process has reserved or is running."""
+    tags = {getattr(getattr(r, "message", None), "delivery_tag", None) for r in _held_requests()}
     return [t for t in tags if t]
 
 
+def held_chunks() -> list[str]:
+    """`<job>/<chunk>` of every chunk this worker has taken from its queue and not finished."""
+    held = set()
+    for request in _held_requests():
+        kwargs = getattr(request, "kwargs", None) or {}
+        if isinstance(kwargs, dict) and "job" in kwargs and "chunk" in kwargs:
+            held.add(keys.assignment(str(kwargs["job"]), int(kwargs["chunk"])))
+    return sorted(held)
+
+
 class LeaseKeeper:
-    """Renews message leases and beats the worker's heartbeat, every `interval` seconds."""
+    """Renews message leases and beats the worker's heartbeat, with the chunks it holds,
+    every `interval` seconds."""
 
     def __init__(self, client: redis.Redis, interval: float, worker: str | None = None, entry: str | None = None):
         self.client = client
@@ -72,7 +84,7 @@ class LeaseKeeper:
         while not self._stop.wait(self.interval):
             try:
                 if self.worker:
-                    pool.heartbeat(self.client, self.worker, self.entry)
+                    pool.heartbeat(self.client, self.worker, self.entry, held_chunks())
                 self.renew()
             except redis.RedisError as e:
                 log.warning("could not renew message leases: %s", e)

@@ -188,7 +188,13 @@ class ModelCache:
 
     def _resolve(self, ref: str) -> tuple[Path, str]:
         if ref in tiny.BUILTIN_MODELS:
-            return tiny.builtin_model_dir(ref, self.cache_dir), ref
+            from safetensors import SafetensorError
+
+            try:
+                return tiny.builtin_model_dir(ref, self.cache_dir), ref
+            except (OSError, SafetensorError) as e:  # a full disk shows up as either
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise ModelError(f"model {ref}: cannot build it in the model cache {self.cache_dir}: {reason}") from e
         path = Path(ref)
         if not path.exists():
             raise ModelError(f"model {ref!r} not found on this worker")

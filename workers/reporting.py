@@ -54,11 +54,14 @@ class StepReporter:
         current = {"job": chunk.job_id, "chunk": chunk.number, "items": chunk.batch_size, "step": step,
                    "steps": steps, "pass": self.pass_index + 1, "passes": self.passes}
         row = {"worker": self.worker, "items": chunk.batch_size, "since": self.since, "fraction": round(fraction, 3)}
-        with self.client.pipeline() as pipe:
-            pipe.hset(keys.running(chunk.job_id), chunk.number, json.dumps(row))
-            pipe.hset(keys.worker_live(self.worker), "current", json.dumps(current))
-            pipe.hget(keys.job_hash(chunk.job_id), "state")
-            *_, state = pipe.execute()
+        try:
+            with self.client.pipeline() as pipe:
+                pipe.hset(keys.running(chunk.job_id), chunk.number, json.dumps(row))
+                pipe.hset(keys.worker_live(self.worker), "current", json.dumps(current))
+                pipe.hget(keys.job_hash(chunk.job_id), "state")
+                *_, state = pipe.execute()
+        except redis.RedisError:
+            return  # progress is best effort; Redis being away must not fail the render
         if state is not None and state.decode() == JobState.CANCELLED.value:
             raise JobCancelled(f"job {chunk.job_id} was cancelled")
 
