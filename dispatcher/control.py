@@ -95,12 +95,13 @@ def resume(board: JobBoard, store: Store, job_id: str) -> JobState | Rebuilt:
     if state is JobState.PAUSED:
         started = board.redis.hexists(keys.job_hash(job_id), "started")
         _move(board, job_id, JobState.RUNNING if started else JobState.QUEUED, (JobState.PAUSED,))
-        wake(board.redis, job_id)
-        return state
-    if state is not None and state.runnable:
-        wake(board.redis, job_id)
-        return state
-    return rebuild(board, store, job_id)
+    elif state is None or not state.runnable:
+        return rebuild(board, store, job_id)
+    # Back in its lane, in case a submission died between writing the job and enlisting it.
+    lane, created = board.redis.hmget(keys.job_hash(job_id), "lane", "created")
+    board.redis.zadd(keys.lane_jobs(lane.decode()), {job_id: float(created)}, nx=True)
+    wake(board.redis, job_id)
+    return state
 
 
 def rebuild(board: JobBoard, store: Store, job_id: str) -> Rebuilt:

@@ -8,8 +8,9 @@ What goes next to a worker with a free slot:
 1. the lane: every runnable `interactive` job before any `batch` one;
 2. the priority: higher first;
 3. fair share: among the users at that lane and priority, the one charged the fewest
-   GPU-seconds since they became active (a chunk is charged its items times the
-   job's measured seconds per item; the worker settles the difference when done);
+   GPU-seconds (a chunk is charged its items times the job's measured seconds per item;
+   the worker settles the difference when done). A user joining starts a minute of
+   GPU time ahead of the least-served active one (see `enlist`);
 4. the user's oldest job;
 5. within the job: chunks handed back first, then a chunk of a model the worker holds,
    then of a model no other worker holds or is about to load, then of the model with
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DEPTH = 2
 #: Seconds of charge per item before a job has measured its own.
 DEFAULT_SECONDS_PER_ITEM = 1.0
+#: GPU-seconds of head start for a user who joins a lane where others are running.
+NEWCOMER_CREDIT = 60.0
 #: How many heartbeats a worker may miss before its chunks are handed to others.
 MISSED_HEARTBEATS = 3
 #: How long the feeder lock outlives a dispatcher killed in the middle of a round (a round
@@ -104,14 +107,15 @@ def chunk_message(chunk, store_url: str, job: JobView | None = None, charge: flo
 
 
 def enlist(client: redis.Redis, job_id: str, lane: str, user: str, created: float) -> None:
-    """Put a job in its lane. A user who had nothing running there starts level with the
-    least-served active user, so past use neither helps nor hurts a newcomer."""
+    """Put a job in its lane. A user who had nothing running there starts NEWCOMER_CREDIT
+    GPU-seconds below the least-served active user (never below their own charge): a small job
+    runs at once, a big one shares evenly once the credit is spent, and old use is forgotten."""
     active = _active_users(client, lane)
     shares = client.zrange(keys.lane_shares(lane), 0, -1, withscores=True)
     scores = {u.decode(): s for u, s in shares}
     if user not in active:
-        floor = min((scores.get(u, 0.0) for u in active), default=0.0)
-        client.zadd(keys.lane_shares(lane), {user: floor})
+        floor = min((scores.get(u, 0.0) for u in active), default=0.0) - NEWCOMER_CREDIT
+        client.zadd(keys.lane_shares(lane), {user: max(floor, scores.get(user, floor)) if active else 0.0})
     client.zadd(keys.lane_jobs(lane), {job_id: created})
     client.rpush(keys.FEEDER_WAKE, job_id)
 

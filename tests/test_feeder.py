@@ -102,7 +102,7 @@ def test_interactive_lane_is_served_before_batch_and_priority_before_age(setting
     assert [j for j, _ in order] == [slow, slow, quick, urgent]
 
 
-def test_two_users_share_the_pool_whoever_submitted_first(settings, feeder, redis_client):
+def test_a_second_users_small_job_runs_at_once_and_a_big_one_then_shares_evenly(settings, feeder, redis_client):
     w = worker(redis_client, "w")
     big = job(settings, user="ann", items=2000)
     feeder.top_up()
@@ -114,9 +114,17 @@ def test_two_users_share_the_pool_whoever_submitted_first(settings, feeder, redi
     while JobBoard(redis_client).status(small).state is not JobState.DONE:
         jobs.append(render_one(redis_client, settings, w)[0])
         feeder.top_up()
-    # Bob's 10 chunks alternate with Ann's; Ann keeps her share and Bob is not starved.
-    assert jobs.count(small) == 10
-    assert jobs.count(big) <= 12
+    # Bob's 10 chunks run next, after the one already waiting in the worker's queue.
+    assert jobs.count(small) == 10 and jobs.count(big) <= 2
+
+    huge = job(settings, user="cat", items=4000)
+    jobs = []
+    for _ in range(60):
+        jobs.append(render_one(redis_client, settings, w)[0])
+        feeder.top_up()
+    # Cat's head start is a minute of charge (15 chunks at the default 4 s each); then the two share.
+    assert jobs[2:17].count(huge) == 15
+    assert 18 <= jobs[17:].count(big) <= 25
 
 
 def test_three_models_on_two_workers_load_each_model_at_most_once_or_twice(settings, feeder, redis_client, tmp_path):
@@ -224,3 +232,12 @@ def test_an_assignment_whose_message_never_reached_the_worker_is_handed_back(set
     assert feeder.top_up() == 1
     assert pool.queued_chunks(redis_client, queue) == {f"{job_id}/0"}
     assert sorted(n for _, n in assigned(redis_client, w)) == [0, 1]
+
+
+def test_resume_puts_back_a_job_whose_submission_died_before_it_reached_its_lane(settings, feeder, redis_client):
+    worker(redis_client, "w")
+    job_id = job(settings, items=8)
+    redis_client.zrem(keys.lane_jobs("batch"), job_id)  # `farm submit` killed between two writes
+    assert feeder.top_up() == 0
+    assert control.resume(JobBoard(redis_client), open_store(settings.store), job_id) is JobState.QUEUED
+    assert feeder.top_up() == 2

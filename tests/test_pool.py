@@ -167,3 +167,36 @@ def test_workers_table_shows_host_gpu_model_and_pace(farm_settings, workers_fact
     assert row["images_per_minute"] > 0 and row["heartbeat_seconds_ago"] < 30 and row["current"] is None
     table = run_farm("workers", env=env)
     assert table.returncode == 0 and name in table.stdout and "tiny-sd" in table.stdout
+
+
+def test_an_interactive_job_overtakes_a_batch_job_and_priority_orders_a_lane(farm_settings, workers_factory):
+    workers_factory(farm_settings).start(1)
+    board = JobBoard.from_url(farm_settings.broker_url)
+    sweep = submit(spec(400), farm_settings, user="ann").job_id
+    wait_until(lambda: board.status(sweep).done > 0, 120, "the sweep to start")
+    quick = submit(spec(8), farm_settings, user="ann", lane="interactive").job_id
+    urgent = submit(spec(8), farm_settings, user="ann", priority=1).job_id
+    assert wait_job(board, quick).state is JobState.DONE
+    assert board.status(urgent).done < 8, "the interactive job went first"
+    assert wait_job(board, urgent).state is JobState.DONE
+    assert board.status(sweep).done < 100, "the urgent job overtook the sweep"
+    assert board.status(quick).completed < board.status(urgent).completed
+
+
+def test_a_million_item_job_is_accepted_and_fed_a_few_chunks_at_a_time(farm_settings, workers_factory, s3_env,
+                                                                       tmp_path):
+    workers_factory(farm_settings).start(1)
+    env = cli_env(farm_settings, s3_env)
+    path = tmp_path / "million.json"
+    path.write_text(json.dumps({"prompts": [f"variant {i}" for i in range(1000)], "seeds": {"start": 0, "count": 1000},
+                                "width": 64, "height": 64, "steps": 2, "batch_size": 8}))
+    result = run_farm("submit", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.split()[0]
+    board = JobBoard.from_url(farm_settings.broker_url)
+    wait_until(lambda: board.status(job).done >= 16, 120, "the first images")
+    status = board.status(job)
+    assert status.total == 1_000_000 and status.state is JobState.RUNNING
+    assert sum(board.redis.llen(k) for k in board.redis.keys(f"{farm_settings.queue}.*")) <= 2
+    assert board.redis.info("memory")["used_memory"] < 50 * 2**20
+    assert run_farm("cancel", job, env=env).returncode == 0
