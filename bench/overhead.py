@@ -4,7 +4,8 @@ The smallest model (tiny-sd), 64x64, one step, batch size 1, so rendering is as 
 it gets and the farm's own cost shows: taking the message, Redis bookkeeping, the PNG
 upload to a local store, the record, the feeder's next hand-out. Each round renders the
 same items through a plain loop and through the farm (real Redis, dispatcher, one
-worker); the overhead of a round is (farm time - loop time) / items. Prints the median.
+worker), one right after the other, so both see the same machine; the overhead of a round
+is (farm time - loop time) / items. Prints the median over rounds.
 Both sides render with one torch thread, as a GPU worker leaves the CPU to the rest;
 the other core runs Redis and the dispatcher, as on a real pool.
 
@@ -36,8 +37,12 @@ def main() -> None:
         spec = make_spec(args.images, 64, 1, 1)
         (tmp / "loop").mkdir()
         torch.set_num_threads(1)
-        loop = plain_loop(spec, tmp / "cache", tmp / "loop", repeats=args.rounds)
-        farm = through_farm(spec, tmp / "cache", tmp, repeats=args.rounds, cpu_threads=1)
+        loop, farm = [], []
+        with plain_loop(spec, tmp / "cache", tmp / "loop") as run_loop, \
+                through_farm(spec, tmp / "cache", tmp, cpu_threads=1) as run_farm:
+            for _ in range(args.rounds):
+                loop.append(run_loop())
+                farm.append(run_farm())
     n = spec.item_count
     per_round = [1000 * (1 / f - 1 / lo) for f, lo in zip(farm, loop)]
     print(f"{n} images a round, {args.rounds} rounds, tiny-sd 64x64, 1 step, batch size 1")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from dispatcher.follow import follow
@@ -31,7 +32,10 @@ def make_spec(images: int, size: int, steps: int, batch_size: int, seed_start: i
                        "width": size, "height": size, "steps": steps, "sampler": "Euler a", "batch_size": batch_size})
 
 
-def plain_loop(spec, cache_dir: Path, out: Path, repeats: int = 1) -> list[float]:
+@contextmanager
+def plain_loop(spec, cache_dir: Path, out: Path):
+    """Yields run(): one pass over the spec's items, one pipeline call and one PNG per image;
+    returns images/s. The model is loaded and warm before the first run."""
     import torch
 
     from farm import png
@@ -43,17 +47,21 @@ def plain_loop(spec, cache_dir: Path, out: Path, repeats: int = 1) -> list[float
     plan = Plan(spec, "loop")
     items = [plan.item(i) for i in range(plan.item_count)]
     txt2img(model, items[:1])  # warm up
-    rates = []
-    for _ in range(repeats):
+
+    def run() -> float:
         started = time.perf_counter()
         for item in items:
             image = txt2img(model, [item])[0]
             (out / f"{item.index:06d}.png").write_bytes(png.encode(image, parameters_text(item, model.name, model.hash)))
-        rates.append(plan.item_count / (time.perf_counter() - started))
-    return rates
+        return plan.item_count / (time.perf_counter() - started)
+
+    yield run
 
 
-def through_farm(spec, cache_dir: Path, out: Path, repeats: int = 1, cpu_threads: int | None = None) -> list[float]:
+@contextmanager
+def through_farm(spec, cache_dir: Path, out: Path, cpu_threads: int | None = None):
+    """Yields run(): the spec submitted as one job to a running farm (Redis, the dispatcher, one
+    worker process, a local store), timed to the worker's stamp of the last item; images/s."""
     with RedisServer(out / "redis") as server:
         settings = Settings.from_env().with_overrides(broker_url=server.url, store=str(out / "store"),
                                                       cache_dir=cache_dir, device="cpu", cpu_threads=cpu_threads)
@@ -65,19 +73,19 @@ def through_farm(spec, cache_dir: Path, out: Path, repeats: int = 1, cpu_threads
             board = JobBoard.from_url(settings.broker_url)
             warm = make_spec(1, spec.width, spec.steps, 1, seed_start=10_000)
             follow(board, submit(warm, settings).job_id)  # loads the model in the worker
-            rates = []
-            for _ in range(repeats):
+
+            def run() -> float:
                 started = time.time()
                 job = submit(spec, settings)
                 status = follow(board, job.job_id, interval=0.1)
                 # The worker stamps the moment the last item is counted, so polling adds nothing.
-                elapsed = status.completed - started
                 assert status.done == job.items, status
-                rates.append(job.items / elapsed)
+                return job.items / (status.completed - started)
+
+            yield run
         finally:
             stop_dispatcher.set()
             stop_workers(workers)
-    return rates
 
 
 def main() -> None:
@@ -95,8 +103,10 @@ def main() -> None:
         builtin_model_dir(TINY_SD, cache)
         spec = make_spec(args.images, args.size, args.steps, args.batch_size)
         (tmp / "loop").mkdir()
-        [loop] = plain_loop(spec, cache, tmp / "loop")
-        [farm] = through_farm(spec, cache, tmp)
+        with plain_loop(spec, cache, tmp / "loop") as run:
+            loop = run()
+        with through_farm(spec, cache, tmp) as run:
+            farm = run()
     print(f"{spec.item_count} images, {args.size}x{args.size}, {args.steps} steps, farm batch size {args.batch_size}")
     print(f"plain loop: {loop:8.2f} images/s")
     print(f"farm:       {farm:8.2f} images/s")

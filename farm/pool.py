@@ -116,11 +116,10 @@ def release(client: redis.Redis, worker: WorkerView | str, queue: str | None = N
 
 
 def finished_chunk(client: redis.Redis, name: str, job_id: str, chunk: int) -> None:
-    """The worker is done with a chunk (rendered, failed, dropped or handed back)."""
-    with client.pipeline() as pipe:
-        pipe.hdel(keys.worker_assigned(name), keys.assignment(job_id, chunk))
-        pipe.rpush(keys.FEEDER_WAKE, name)
-        pipe.execute()
+    """The worker is done with a chunk (rendered, failed, dropped or handed back): its slot is
+    free, and the feeder is woken to fill it. `client` may be the caller's pipeline."""
+    client.hdel(keys.worker_assigned(name), keys.assignment(job_id, chunk))
+    client.rpush(keys.FEEDER_WAKE, name)
 
 
 #: kombu's Redis transport: hash of delivered, unacknowledged messages.

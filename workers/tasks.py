@@ -182,8 +182,7 @@ def _wrap_up(runtime: Runtime, worker: str, chunk: Chunk, message: dict, timing:
                 pipe.zincrby(keys.lane_shares(message["lane"]), seconds - float(message.get("charge", 0)),
                              message["user"])
         pipe.hset(keys.worker_live(worker), mapping=reporting.idle_fields(runtime, runtime.pace))
-        pipe.hdel(keys.worker_assigned(worker), keys.assignment(chunk.job_id, chunk.number))
-        pipe.rpush(keys.FEEDER_WAKE, worker)
+        pool.finished_chunk(pipe, worker, chunk.job_id, chunk.number)
         pipe.execute()
 
 
@@ -198,7 +197,7 @@ def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: lis
     # 4. Render the whole chunk, in as few forward passes as fit (each image in its planned batch).
     started = time.perf_counter()
     reporter = reporting.StepReporter(runtime.redis, worker, chunk)
-    pictures, batches = render_batches(runtime, model, chunk.items, fetcher(runtime, store), vae, reporter)
+    pictures, batches = _render_batches(runtime, model, chunk.items, fetcher(runtime, store), vae, reporter)
     seconds = (time.perf_counter() - started) / len(pictures)
     # 5. Encode the images that are missing.
     wanted = {it.index for it in missing}
@@ -215,7 +214,7 @@ def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: lis
     return outputs
 
 
-def render_batches(runtime: Runtime, model, items, fetch, vae, on_step) -> tuple[list, list[list[int]]]:
+def _render_batches(runtime: Runtime, model, items, fetch, vae, on_step) -> tuple[list, list[list[int]]]:
     """Render a chunk in forward passes of at most the batch this worker can hold for its shape.
     An out-of-memory error halves that batch, remembers it, and retries the same items."""
     first = items[0]
