@@ -41,9 +41,6 @@ from farm.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
-#: Chunks assigned to one worker at a time: the one it renders and the next one, so it
-#: never waits on the feeder between chunks.
-DEFAULT_DEPTH = 2
 #: Seconds of charge per item before a job has measured its own.
 DEFAULT_SECONDS_PER_ITEM = 1.0
 #: GPU-seconds of head start for a user who joins a lane where others are running.
@@ -134,7 +131,7 @@ def wake(client: redis.Redis, reason: str = "") -> None:
 
 
 class Feeder:
-    def __init__(self, client: redis.Redis, app, settings: Settings, depth: int = DEFAULT_DEPTH):
+    def __init__(self, client: redis.Redis, app, settings: Settings, depth: int = pool.WINDOW):
         self.redis = client
         self.app = app
         self.settings = settings

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from farm import keys
+from farm import keys, pool
 from farm.settings import Settings
 
 
@@ -27,10 +27,10 @@ def make_celery(settings: Settings) -> Celery:
         # Ack after the chunk is stored, so a worker that dies mid-chunk loses nothing.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # Each worker has its own queue, and the feeder puts only two chunks in it: taking
-        # the second while rendering the first costs no other GPU anything, and saves the
-        # fetch after every ack (7 ms a chunk here with 1).
-        worker_prefetch_multiplier=2,
+        # Each worker has its own queue, and the feeder puts only its window of chunks in it:
+        # taking the next while rendering one costs no other GPU anything, and saves the
+        # fetch after every ack (7 ms a chunk here with a prefetch of 1).
+        worker_prefetch_multiplier=pool.WINDOW,
         task_default_queue=settings.queue,
         task_routes={keys.RENDER_TASK: {"queue": settings.queue}},
         broker_connection_retry_on_startup=True,

@@ -15,6 +15,11 @@ import redis
 
 from farm import keys
 
+#: Chunks assigned to one worker at a time: the one it renders and the next, which it has
+#: already taken from its queue (Celery's prefetch is the same number), so it never waits
+#: on the feeder or the broker between chunks.
+WINDOW = 2
+
 
 @dataclass
 class WorkerView:

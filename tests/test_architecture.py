@@ -26,4 +26,8 @@ def test_celery_accepts_json_only():
 
     conf = make_celery(Settings(broker_url="redis://127.0.0.1:1/0")).conf
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
-    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    # A worker takes from its own queue no more than the feeder's window, which is all that is there.
+    from farm.pool import WINDOW
+
+    assert conf.worker_prefetch_multiplier == WINDOW == 2
