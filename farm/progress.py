@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 import redis
 
@@ -60,15 +61,23 @@ return {new, 0}
 
 
 # KEYS: job hash, running hash, deliveries hash. ARGV: chunk, running row, now.
+# Returns {state or '', this delivery's number, 0 when the chunk was not started}.
 _START = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' and state ~= 'running' then return state end
+if not state then return {'', 0} end
+if state ~= 'queued' and state ~= 'running' then return {state, 0} end
 redis.call('HSET', KEYS[1], 'state', 'running')
 redis.call('HSETNX', KEYS[1], 'started', ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
-return state
+return {state, redis.call('HINCRBY', KEYS[3], ARGV[1], 1)}
 """
+
+
+class ChunkStart(NamedTuple):
+    #: The job's state before the chunk started, or None for a job Redis does not know.
+    state: JobState | None
+    #: 1 for the chunk's first start, 2 for the second...; 0 when it was not started.
+    delivery: int
 
 
 @dataclass
@@ -141,13 +150,19 @@ class JobBoard:
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(keys.job_hash(job_id)))
 
-    def start_chunk(self, job_id: str, chunk: int, worker: str, items: int) -> JobState | None:
+    def start_chunk(self, job_id: str, chunk: int, worker: str, items: int) -> ChunkStart:
         """In one round trip: the job's state, and if it is runnable, the chunk marked running
         (and the job too). A paused, cancelled, finished or unknown job's chunk is not marked."""
-        state = self._start(keys=[keys.job_hash(job_id), keys.running(job_id), keys.deliveries(job_id)],
-                            args=[chunk, json.dumps({"worker": worker, "items": items, "since": time.time()}),
-                                  time.time()])
-        return JobState(state.decode()) if state else None
+        state, delivery = self._start(keys=[keys.job_hash(job_id), keys.running(job_id), keys.deliveries(job_id)],
+                                      args=[chunk, json.dumps({"worker": worker, "items": items,
+                                                               "since": time.time()}), time.time()])
+        return ChunkStart(JobState(state.decode()) if state else None, int(delivery))
+
+    def done_among(self, job_id: str, indexes: list[int]) -> set[int]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                pipe.getbit(keys.done_bits(job_id), index)
+            return {i for i, bit in zip(indexes, pipe.execute()) if bit}
 
     def clear_running(self, job_id: str, chunk: int) -> None:
         self.redis.hdel(keys.running(job_id), chunk)

@@ -4,8 +4,9 @@ from farm.progress import JobBoard, JobState
 def test_counts_are_exact_under_redelivery_and_completion_fires_once(redis_client):
     board = JobBoard(redis_client)
     board.create("job-a", total=6, chunks=2, store_url="/tmp/x", user="ann")
-    assert board.start_chunk("job-a", 0, "w1", 3) is JobState.QUEUED
+    assert board.start_chunk("job-a", 0, "w1", 3) == (JobState.QUEUED, 1)
     assert board.status("job-a").state is JobState.RUNNING
+    assert board.start_chunk("job-a", 0, "w2", 3) == (JobState.RUNNING, 2)  # redelivered
     assert board.mark_done("job-a", [0, 1, 2]) is False
     assert board.mark_done("job-a", [0, 1, 2]) is False  # redelivered chunk: no double count
     assert board.status("job-a").done == 3
@@ -13,6 +14,7 @@ def test_counts_are_exact_under_redelivery_and_completion_fires_once(redis_clien
     assert board.mark_done("job-a", [3, 4]) is False  # a retry elsewhere succeeded
     status = board.status("job-a")
     assert (status.done, status.failed) == (5, 0)
+    assert board.done_among("job-a", [2, 5, 6]) == {2}
     assert board.mark_done("job-a", [5]) is True
     assert board.mark_done("job-a", [5]) is False
     assert board.finish("job-a") is JobState.DONE
@@ -46,6 +48,6 @@ def test_a_chunk_of_a_paused_cancelled_or_unknown_job_is_not_started(redis_clien
     board.create("job-d", total=4, chunks=2, store_url="/tmp/x", user="ann")
     for state in (JobState.PAUSED, JobState.CANCELLED, JobState.DONE):
         redis_client.hset("farm:job:job-d", "state", state.value)
-        assert board.start_chunk("job-d", 0, "w1", 2) is state
-    assert board.start_chunk("job-nobody", 0, "w1", 2) is None
+        assert board.start_chunk("job-d", 0, "w1", 2) == (state, 0)
+    assert board.start_chunk("job-nobody", 0, "w1", 2) == (None, 0)
     assert board.deliveries("job-d") == {} and board.status("job-d").running == 0

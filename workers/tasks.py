@@ -124,7 +124,7 @@ def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
     chunk, store_url = decode(message)
     timing: tuple[float, float] | None = None
     try:
-        state = runtime.board.start_chunk(chunk.job_id, chunk.number, worker, chunk.batch_size)
+        state, delivery = runtime.board.start_chunk(chunk.job_id, chunk.number, worker, chunk.batch_size)
         if state is JobState.PAUSED:
             runtime.redis.rpush(keys.handed_back(chunk.job_id), chunk.number)
             return []
@@ -133,7 +133,7 @@ def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
                      state.value if state else "unknown")
             return []
         started = time.time()
-        outputs = _run(runtime, chunk, store_url, worker)
+        outputs = _run(runtime, chunk, store_url, worker, delivery)
         if outputs:
             timing = (started, time.time())
         return outputs
@@ -141,11 +141,17 @@ def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
         _quietly(_wrap_up, runtime, worker, chunk, message, timing)
 
 
-def _run(runtime: Runtime, chunk: Chunk, store_url: str, worker: str) -> list[Output]:
+def _run(runtime: Runtime, chunk: Chunk, store_url: str, worker: str, delivery: int) -> list[Output]:
     store = runtime.store(store_url)
-    # 2. Skip items whose image and record already exist with the same parameters.
-    missing = [it for it in chunk.items if not with_backoff(
-        lambda it=it: already_stored(store, chunk, it), "checking stored items")]
+    # 2. Skip items counted done (a job rebuilt from its store counts what is there). A chunk
+    #    started before may also have stored items its worker never counted, so on a second
+    #    delivery the store is asked: an image and a record with the same parameters.
+    done = with_backoff(lambda: _redis(runtime.board.done_among, chunk.job_id, [it.index for it in chunk.items]),
+                        "reading done items")
+    missing = [it for it in chunk.items if it.index not in done]
+    if delivery > 1:
+        missing = [it for it in missing if not with_backoff(
+            lambda it=it: already_stored(store, chunk, it), "checking stored items")]
     outputs: list[Output] = []
     if missing:
         try:
