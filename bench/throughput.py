@@ -14,16 +14,19 @@ import argparse
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from dispatcher.follow import follow
 from dispatcher.service import start_in_thread
 from dispatcher.submit import submit
+from farm import manifest
 from farm.embedded import RedisServer, start_workers, stop_workers, wait_for_workers
 from farm.plan import Plan
 from farm.progress import JobBoard
 from farm.settings import Settings
 from farm.spec import parse_spec
+from farm.store import LocalStore
 
 
 def make_spec(images: int, size: int, steps: int, batch_size: int, seed_start: int = 1):
@@ -32,10 +35,23 @@ def make_spec(images: int, size: int, steps: int, batch_size: int, seed_start: i
                        "width": size, "height": size, "steps": steps, "sampler": "Euler a", "batch_size": batch_size})
 
 
+@dataclass(frozen=True)
+class Timing:
+    images: int
+    #: Wall-clock seconds for all the images.
+    seconds: float
+    #: Of those, seconds spent inside the pipeline calls.
+    render_seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+
 @contextmanager
 def plain_loop(spec, cache_dir: Path, out: Path):
-    """Yields run(): one pass over the spec's items, one pipeline call and one PNG per image;
-    returns images/s. The model is loaded and warm before the first run."""
+    """Yields run(): one pass over the spec's items, one pipeline call and one PNG per image.
+    The model is loaded and warm before the first run."""
     import torch
 
     from farm import png
@@ -48,12 +64,15 @@ def plain_loop(spec, cache_dir: Path, out: Path):
     items = [plan.item(i) for i in range(plan.item_count)]
     txt2img(model, items[:1])  # warm up
 
-    def run() -> float:
+    def run() -> Timing:
         started = time.perf_counter()
+        rendering = 0.0
         for item in items:
+            before = time.perf_counter()
             image = txt2img(model, [item])[0]
+            rendering += time.perf_counter() - before
             (out / f"{item.index:06d}.png").write_bytes(png.encode(image, parameters_text(item, model.name, model.hash)))
-        return plan.item_count / (time.perf_counter() - started)
+        return Timing(plan.item_count, time.perf_counter() - started, rendering)
 
     yield run
 
@@ -61,7 +80,8 @@ def plain_loop(spec, cache_dir: Path, out: Path):
 @contextmanager
 def through_farm(spec, cache_dir: Path, out: Path, cpu_threads: int | None = None):
     """Yields run(): the spec submitted as one job to a running farm (Redis, the dispatcher, one
-    worker process, a local store), timed to the worker's stamp of the last item; images/s."""
+    worker process, a local store), timed to the worker's stamp of the last item. The render
+    seconds are the worker's own, from the records."""
     with RedisServer(out / "redis") as server:
         settings = Settings.from_env().with_overrides(broker_url=server.url, store=str(out / "store"),
                                                       cache_dir=cache_dir, device="cpu", cpu_threads=cpu_threads)
@@ -74,13 +94,14 @@ def through_farm(spec, cache_dir: Path, out: Path, cpu_threads: int | None = Non
             warm = make_spec(1, spec.width, spec.steps, 1, seed_start=10_000)
             follow(board, submit(warm, settings).job_id)  # loads the model in the worker
 
-            def run() -> float:
+            def run() -> Timing:
                 started = time.time()
                 job = submit(spec, settings)
                 status = follow(board, job.job_id, interval=0.1)
                 # The worker stamps the moment the last item is counted, so polling adds nothing.
                 assert status.done == job.items, status
-                return job.items / (status.completed - started)
+                rows = manifest.read_records(LocalStore(settings.store), job.job_id)
+                return Timing(job.items, status.completed - started, sum(r["seconds"] for r in rows))
 
             yield run
         finally:
@@ -104,9 +125,9 @@ def main() -> None:
         spec = make_spec(args.images, args.size, args.steps, args.batch_size)
         (tmp / "loop").mkdir()
         with plain_loop(spec, cache, tmp / "loop") as run:
-            loop = run()
+            loop = run().images_per_second
         with through_farm(spec, cache, tmp) as run:
-            farm = run()
+            farm = run().images_per_second
     print(f"{spec.item_count} images, {args.size}x{args.size}, {args.steps} steps, farm batch size {args.batch_size}")
     print(f"plain loop: {loop:8.2f} images/s")
     print(f"farm:       {farm:8.2f} images/s")
