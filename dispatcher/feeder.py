@@ -312,10 +312,8 @@ class Feeder:
         queued = pool.queued_chunks(self.redis, worker.queue)
         lost = [k for k in old if k not in queued and k not in worker.holding]
         for key in lost:
-            job_id, number = key.rsplit("/", 1)
             with self.redis.pipeline() as pipe:
-                pipe.hdel(keys.worker_assigned(worker.name), key)
-                pipe.rpush(keys.handed_back(job_id), number)
+                pool.hand_back(pipe, worker.name, key)
                 pipe.execute()
             del worker.assigned[key]
             log.warning("chunk %s was assigned to %s but never reached it; handed back", key, worker.name)

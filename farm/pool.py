@@ -7,6 +7,7 @@ chunks; `farm workers` prints it.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import dataclass, field
@@ -44,9 +45,6 @@ class WorkerView:
         """Models this worker holds or will load for the chunks it has been given."""
         return set(self.models) | {a["model"] for a in self.assigned.values()}
 
-    def seconds_since_heartbeat(self, now: float | None = None) -> float:
-        return (now or time.time()) - self.heartbeat
-
 
 def register(client: redis.Redis, name: str, queue: str, host: str, gpu: str) -> str:
     """Enter the pool; returns the entry, which each heartbeat puts back if it went missing."""
@@ -71,7 +69,8 @@ def heartbeat(client: redis.Redis, name: str, entry: str | None = None, holding:
 
 
 def publish(client: redis.Redis, name: str, **fields) -> None:
-    """Live fields of a worker (models, loads, current, images...); values are JSON-encoded."""
+    """Live fields of a worker (models, loads, current, images...); values are JSON-encoded.
+    `client` may be the caller's pipeline."""
     client.hset(keys.worker_live(name), mapping={k: json.dumps(v) for k, v in fields.items()})
 
 
@@ -105,11 +104,11 @@ def release(client: redis.Redis, worker: WorkerView | str, queue: str | None = N
     Used by the feeder for a worker that stopped beating, and by a worker shutting down."""
     name = worker if isinstance(worker, str) else worker.name
     worker_queue = queue or (worker.queue if isinstance(worker, WorkerView) else None)
-    assigned = client.hkeys(keys.worker_assigned(name))
+    assigned = [k.decode() for k in client.hkeys(keys.worker_assigned(name))]
     with client.pipeline() as pipe:
         for key in assigned:
-            job_id, number = key.decode().rsplit("/", 1)
-            pipe.rpush(keys.handed_back(job_id), number)
+            hand_back(pipe, name, key)
+            job_id, number = key.rsplit("/", 1)
             pipe.hdel(keys.running(job_id), number)
         pipe.delete(keys.worker_assigned(name), keys.worker_live(name))
         if worker_queue:
@@ -118,6 +117,14 @@ def release(client: redis.Redis, worker: WorkerView | str, queue: str | None = N
         pipe.rpush(keys.FEEDER_WAKE, name)
         pipe.execute()
     return len(assigned)
+
+
+def hand_back(client: redis.Redis, name: str, assignment: str) -> None:
+    """Take `<job>/<chunk>` from a worker and give it back to its job, to be handed out first.
+    `client` may be the caller's pipeline."""
+    job_id, number = assignment.rsplit("/", 1)
+    client.hdel(keys.worker_assigned(name), assignment)
+    client.rpush(keys.handed_back(job_id), number)
 
 
 def finished_chunk(client: redis.Redis, name: str, job_id: str, chunk: int) -> None:
@@ -144,8 +151,6 @@ def queued_chunks(client: redis.Redis, queue: str) -> set[str]:
 
 
 def _chunk_of(raw: bytes | str) -> str | None:
-    import base64
-
     try:
         envelope = json.loads(raw)
         body = envelope["body"]

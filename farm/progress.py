@@ -193,9 +193,6 @@ class JobBoard:
         """How many times each started chunk was started."""
         return {int(k): int(v) for k, v in self.redis.hgetall(keys.deliveries(job_id)).items()}
 
-    def is_done(self, job_id: str, index: int) -> bool:
-        return bool(self.redis.getbit(keys.done_bits(job_id), index))
-
     def finish(self, job_id: str) -> JobState:
         """Set the final state from the counts, and let the job's keys expire."""
         status = self.status(job_id)

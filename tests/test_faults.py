@@ -51,10 +51,15 @@ def tally(fault: str, s3_server, bucket: str, board: JobBoard, job: str, expecte
     result = Tally(fault, expected, len(set(indexes)), len(indexes) - len(set(indexes)),
                    expected - len(set(indexes)) - status.failed, status.failed, status.state.value,
                    sum(1 for n in board.deliveries(job).values() if n > 1))
+    _report(result)
+    return result
+
+
+def _report(row: Tally) -> None:
+    """One row of bench/faults.py's table, when it asked for them."""
     if os.environ.get("FARM_FAULT_REPORT"):
         with open(os.environ["FARM_FAULT_REPORT"], "a") as f:
-            f.write(json.dumps(asdict(result)) + "\n")
-    return result
+            f.write(json.dumps(asdict(row)) + "\n")
 
 
 def running_chunk_of(board: JobBoard, job: str, worker: str) -> int | None:
@@ -173,7 +178,7 @@ def test_wrong_storage_credentials_fail_at_submission(farm_settings, s3_env, tmp
     assert S3_SECRET_KEY not in result.stderr + result.stdout
     assert redis_client.keys("farm:*") == [] and redis_client.keys(f"{farm_settings.queue}*") == []
     assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
-    _report_row("wrong storage credentials", 1, 0, 0, 0, 0, "refused at submission (exit 3), nothing queued")
+    _report(Tally("wrong storage credentials", 1, 0, 0, 0, 0, "refused at submission (exit 3), nothing queued", 0))
 
 
 def test_out_of_memory_halves_the_batch_and_the_worker_remembers(farm_settings, workers_factory, s3_server, bucket,
@@ -280,13 +285,7 @@ def test_chunk_rendering_for_three_visibility_timeouts_runs_once(farm_settings, 
     assert (t.stored, t.duplicates, t.redelivered) == (1, 0, 0)
 
 
-def _report_row(fault: str, expected: int, stored: int, duplicates: int, lost: int, failed: int, outcome: str):
-    if os.environ.get("FARM_FAULT_REPORT"):
-        with open(os.environ["FARM_FAULT_REPORT"], "a") as f:
-            f.write(json.dumps(asdict(Tally(fault, expected, stored, duplicates, lost, failed, outcome, 0))) + "\n")
-
-
 def test_report_file_is_plain_json_lines(tmp_path, monkeypatch):
     monkeypatch.setenv("FARM_FAULT_REPORT", str(tmp_path / "r.jsonl"))
-    _report_row("x", 1, 1, 0, 0, 0, "done")
+    _report(Tally("x", 1, 1, 0, 0, 0, "done", 0))
     assert json.loads(Path(tmp_path / "r.jsonl").read_text())["outcome"] == "done"

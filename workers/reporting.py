@@ -14,7 +14,7 @@ from collections import deque
 
 import redis
 
-from farm import keys, pool
+from farm import keys
 from farm.errors import FarmError
 from farm.plan import Chunk
 from farm.progress import JobState
@@ -88,8 +88,7 @@ class Pace:
         return round(60 * sum(e[2] for e in self.events) / max(span, 1e-3), 1)
 
 
-def idle_fields(runtime, pace: Pace) -> dict[str, str]:
-    """The worker's live fields between chunks, JSON-encoded for its hash."""
-    fields = {"current": None, "models": runtime.models.refs(), "loads": runtime.models.loads,
-              "device": runtime.device_name, "images": pace.images, "images_per_minute": pace.per_minute}
-    return {k: json.dumps(v) for k, v in fields.items()}
+def idle_fields(runtime, pace: Pace) -> dict:
+    """The worker's live fields between chunks (farm.pool.publish writes them)."""
+    return {"current": None, "models": runtime.models.refs(), "loads": runtime.models.loads,
+            "device": runtime.device_name, "images": pace.images, "images_per_minute": pace.per_minute}

@@ -187,7 +187,7 @@ def _wrap_up(runtime: Runtime, worker: str, chunk: Chunk, message: dict, timing:
             if message.get("user") and message.get("lane") in keys.LANES:
                 pipe.zincrby(keys.lane_shares(message["lane"]), seconds - float(message.get("charge", 0)),
                              message["user"])
-        pipe.hset(keys.worker_live(worker), mapping=reporting.idle_fields(runtime, runtime.pace))
+        pool.publish(pipe, worker, **reporting.idle_fields(runtime, runtime.pace))
         pool.finished_chunk(pipe, worker, chunk.job_id, chunk.number)
         pipe.execute()
 
