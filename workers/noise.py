@@ -34,13 +34,14 @@ def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
 
 
-def item_noise(item: Item, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """The item's noise at its own size, or at `size` (W, H), as hires fix's second pass draws it."""
+def item_noise(item: Item, size: tuple[int, int] | None = None, scale: int = VAE_SCALE) -> torch.Tensor:
+    """The item's noise at its own size, or at `size` (W, H), as hires fix's second pass draws it.
+    `scale` is the VAE's downscaling: 8 for Stable Diffusion, 4 for the built-in shapes model."""
     width, height = size or (item.width, item.height)
-    shape = (LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE)
+    shape = (LATENT_CHANNELS, height // scale, width // scale)
     if item.resize_seed_from:
         w0, h0 = item.resize_seed_from
-        noise_shape = (LATENT_CHANNELS, h0 // VAE_SCALE, w0 // VAE_SCALE)
+        noise_shape = (LATENT_CHANNELS, h0 // scale, w0 // scale)
     else:
         noise_shape = shape
     noise = randn(item.seed, noise_shape)
@@ -62,8 +63,8 @@ def _paste_centred(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def batch_noise(items: Sequence[Item], size: tuple[int, int] | None = None) -> torch.Tensor:
-    return torch.stack([item_noise(item, size) for item in items])
+def batch_noise(items: Sequence[Item], size: tuple[int, int] | None = None, scale: int = VAE_SCALE) -> torch.Tensor:
+    return torch.stack([item_noise(item, size, scale) for item in items])
 
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:

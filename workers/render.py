@@ -60,7 +60,7 @@ def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None, on
 def txt2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch | None = None, vae=None,
             on_step=None) -> list[Image.Image]:
     pipe, first, common = _prepared(model, "txt2img", items, vae, on_step)
-    latents = noise.batch_noise(items).to(pipe.device, pipe.unet.dtype)
+    latents = noise.batch_noise(items, scale=pipe.vae_scale_factor).to(pipe.device, pipe.unet.dtype)
     if first.hires:
         return _hires(model, pipe, items, common, latents, vae)
     with torch.inference_mode():
@@ -81,7 +81,8 @@ def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latent
                           **{**common, "output_type": "latent" if latent_space else "pil"}).images
     if latent_space:
         mode = "nearest" if upscaler == "Latent (nearest)" else "bilinear"
-        upscaled = torch.nn.functional.interpolate(first_pass, size=(height // 8, width // 8), mode=mode)
+        scale = pipe.vae_scale_factor
+        upscaled = torch.nn.functional.interpolate(first_pass, size=(height // scale, width // scale), mode=mode)
     else:
         resample = Image.Resampling.LANCZOS if upscaler == "Lanczos" else Image.Resampling.NEAREST
         upscaled = [image.resize((width, height), resample=resample) for image in first_pass]
@@ -109,13 +110,14 @@ def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, o
 def _latent_upscaled(pipe, picture: Image.Image, width: int, height: int, generators) -> torch.Tensor:
     """The webui's resize mode 3: encode at the image's own size (rounded down to a multiple
     of 8), then resize bilinearly in latent space. diffusers takes 4-channel input as latents."""
+    scale = pipe.vae_scale_factor
     w, h = picture.width // 8 * 8, picture.height // 8 * 8
     pixels = pipe.image_processor.preprocess(picture.resize((w, h), Image.Resampling.LANCZOS))
     pixels = pixels.to(pipe.device, pipe.vae.dtype)
     with torch.inference_mode():
         encoded = pipe.vae.encode(pixels).latent_dist
         latents = torch.cat([encoded.sample(generator=g) for g in generators]) * pipe.vae.config.scaling_factor
-    return torch.nn.functional.interpolate(latents, size=(height // 8, width // 8), mode="bilinear")
+    return torch.nn.functional.interpolate(latents, size=(height // scale, width // scale), mode="bilinear")
 
 
 class _seed_noise:
@@ -127,7 +129,7 @@ class _seed_noise:
 
     def __init__(self, pipe, items: Sequence[Item], size: tuple[int, int] | None = None):
         self.module = sys.modules[type(pipe).__module__]
-        self.noise = noise.batch_noise(items, size)
+        self.noise = noise.batch_noise(items, size, pipe.vae_scale_factor)
 
     def __enter__(self):
         self.original = self.module.randn_tensor
