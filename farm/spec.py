@@ -32,7 +32,8 @@ from pydantic import (
 from farm import checkpoints, samplers
 from farm.errors import ModelError, SpecError
 
-BUILTIN_MODELS = ("tiny-sd", "tiny-sd-inpaint")
+#: shapes-sd draws what it is asked for (in a world of coloured shapes); the tiny ones draw noise, fast.
+BUILTIN_MODELS = ("shapes-sd", "tiny-sd", "tiny-sd-inpaint")
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 MAX_PROMPT_CHARS = 10_000
 MAX_ITEMS = 10_000_000

@@ -1,7 +1,7 @@
 """The model cache: each model is loaded once per worker process and kept resident.
 
-A model reference is a built-in name (`tiny-sd`) or a local diffusers folder.
-Built-in models are themselves built into a diffusers folder first, so every model
+A model reference is a built-in name (`shapes-sd`, `tiny-sd`) or a local diffusers folder.
+`shapes-sd` ships as a diffusers folder; the tiny ones are built into one first, so every model
 loads through the same `from_pretrained` call.
 """
 
@@ -19,7 +19,7 @@ import torch
 from farm import checkpoints
 from farm.errors import ModelError
 from farm.spec import PICKLE_SUFFIXES
-from workers import single_file, tiny
+from workers import shapes, single_file, tiny
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,10 @@ class ModelCache:
         return single_file.load(path, family, config, self.dtype)
 
     def _resolve(self, ref: str) -> tuple[Path, str]:
+        if ref == shapes.NAME:
+            if not (shapes.MODEL_DIR / "model_index.json").is_file():
+                raise ModelError(f"model {ref}: its weights are missing from {shapes.MODEL_DIR} (a broken install?)")
+            return shapes.MODEL_DIR, ref
         if ref in tiny.BUILTIN_MODELS:
             from safetensors import SafetensorError
 
