@@ -15,6 +15,7 @@ from PIL import Image
 
 from farm.embedded import wait_until
 from tests.conftest import ROOT, run_farm
+from workers.shapes import analysis
 
 VERBS = ["run", "submit", "status", "results", "worker", "info"]
 
@@ -35,17 +36,21 @@ def test_quickstart_runs_on_a_fresh_machine_with_no_services(tmp_path, cache_dir
     assert result.returncode == 0, result.stderr
     job_dir = tmp_path / "out" / result.stdout.strip().splitlines()[-1].split("/")[-1]
     images = sorted((job_dir / "images").glob("*.png"))
-    assert len(images) == 12
+    assert len(images) == 48
     rows = [json.loads(line) for line in (job_dir / "manifest.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and {r["key"].split("/")[-1] for r in rows} == {p.name for p in images}
-    assert json.loads((job_dir / "job.json").read_text())["items"] == 12
-    assert Image.open(job_dir / "grid.png").size == (3 * 64, 4 * (64 + 14))
-    assert "12/12" in result.stderr
+    assert len(rows) == 48 and {r["key"].split("/")[-1] for r in rows} == {p.name for p in images}
+    assert json.loads((job_dir / "job.json").read_text())["items"] == 48
+    assert Image.open(job_dir / "grid.png").size == (6 * 64, 8 * (64 + 14))
+    assert "48/48" in result.stderr
+    # The first prompt at CFG 7 (the second grid cell): what a newcomer should see in the grid.
+    red_on_white = [analysis.read(Image.open(path)) for path in images[24:30]]
+    assert sum(r.colour == "red" and r.background == "white" for r in red_on_white) >= 4
 
     info = run_farm("info", str(images[0]))
     assert info.returncode == 0
     parsed = json.loads(info.stdout)
-    assert parsed["Prompt"] == "a red circle" and parsed["Sampler"] == "Euler a" and parsed["Seed"] == "1"
+    assert parsed["Prompt"] == "a red circle on a white background" and parsed["Sampler"] == "Euler a"
+    assert parsed["Seed"] == "1" and parsed["Model"] == "shapes-sd"
 
 
 def test_status_of_unknown_job_exits_4(redis_url):

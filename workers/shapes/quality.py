@@ -13,6 +13,7 @@ outside the mask is the original's.
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from farm.contact import contact_sheet
 from farm.plan import Item
 from workers import render
 from workers.models import LoadedModel, ModelCache
@@ -137,11 +139,12 @@ def inpaint(model: LoadedModel, tally: Tally, count: int, rng: np.random.Generat
 
 
 def grid(pictures: list[Image.Image], columns: int) -> Image.Image:
-    rows = -(-len(pictures) // columns)
-    sheet = Image.new("RGB", (columns * world.SIZE, rows * world.SIZE), "white")
-    for i, picture in enumerate(pictures):
-        sheet.paste(picture, ((i % columns) * world.SIZE, (i // columns) * world.SIZE))
-    return sheet
+    encoded = []
+    for picture in pictures:
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return contact_sheet(encoded, columns)
 
 
 def load(model: str | Path, cache_dir: Path) -> LoadedModel:
