@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from workers.shapes.world import COLOURS, PALETTE
+from workers.shapes.world import PALETTE
 
 #: RGB distance from the background beyond which a pixel belongs to a shape.
 _FOREGROUND = 60.0
@@ -85,7 +85,3 @@ def read(image: Image.Image) -> Reading:
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
-def chromatic(name: str | None) -> bool:
-    return name in COLOURS
