@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from farm.plan import Item
+from farm.plan import HiresPass, Item
 from workers import images, render
 from workers.device import dtype_for
 from workers.models import LoadedModel, ModelCache
@@ -53,7 +53,7 @@ def smoke(device: torch.device) -> None:
                      for c in ("fill", "original", "latent noise", "latent nothing") for a in ("whole", "only masked")]
             if name == "tiny-sd":
                 cases = [("txt2img", {}), ("txt2img", dict(sampler="DPM++ 2M", schedule_type="Karras", clip_skip=2)),
-                         ("txt2img", dict(hires=("Latent", 1.5, 4, 0.6))), ("img2img", {}),
+                         ("txt2img", dict(hires=HiresPass("Latent", 1.5, 4, 0.6))), ("img2img", {}),
                          ("img2img", dict(resize_mode=3, width=128))] + cases
             for mode, changes in cases:
                 batch = [item(0, mode, **changes), item(1, mode, **changes)]

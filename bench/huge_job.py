@@ -18,10 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
-
-from farm.embedded import RedisServer, start_workers, stop_workers, wait_for_workers, wait_until
-from farm.progress import JobBoard
+from farm.connections import connect
+from farm.embedded import EmbeddedFarm, wait_until
 from farm.settings import Settings
 
 SPEC = {"name": "million", "prompts": [f"a red circle, variant {i}" for i in range(1000)],
@@ -40,13 +38,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--feed-seconds", type=float, default=20)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp, RedisServer(Path(tmp) / "redis") as server:
+    with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
         tmp = Path(tmp)
-        settings = Settings.from_env().with_overrides(broker_url=server.url, store=str(tmp / "store"),
-                                                      cache_dir=tmp / "cache", device="cpu")
-        env = {**os.environ, **settings.to_env()}
+        settings = Settings.from_env().with_overrides(store=str(tmp / "store"), cache_dir=tmp / "cache", device="cpu")
+        # Redis first, alone: the job is submitted before any worker or dispatcher runs.
+        embedded = EmbeddedFarm(settings, tmp, name="huge", dispatcher="process")
+        embedded.server.start()
+        env = {**os.environ, **embedded.settings.to_env()}
         (tmp / "million.json").write_text(json.dumps(SPEC))
-        client = redis.Redis.from_url(server.url)
+        client = connect(embedded.settings)
         before = client.info("memory")["used_memory"]
         started = time.perf_counter()
         submitted = subprocess.run(
@@ -59,26 +59,18 @@ def main() -> None:
         job = submitted.stdout.split()[0]
         submit_peak = int(submitted.stderr.split("peak-rss-kb")[1].split()[0]) / 1024
 
-        worker = start_workers(settings, gpus="none", name="huge", log=open(tmp / "w.log", "wb"))
-        dispatcher = subprocess.Popen([sys.executable, "-m", "farm.cli", "dispatcher"], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for_workers(server.url, 1)
-            board = JobBoard.from_url(server.url)
+        with embedded.start():
+            board = embedded.board
             wait_until(lambda: board.status(job).done > 0, 120, "the first images")
             peak_dispatcher, peak_redis, queued = 0.0, 0, 0
             deadline = time.monotonic() + args.feed_seconds
             while time.monotonic() < deadline:
-                peak_dispatcher = max(peak_dispatcher, rss_mb(dispatcher.pid))
+                peak_dispatcher = max(peak_dispatcher, rss_mb(embedded.dispatcher.pid))
                 peak_redis = max(peak_redis, client.info("memory")["used_memory"])
                 queued = max(queued, sum(client.llen(k) for k in client.keys(f"{settings.queue}.*")))
                 time.sleep(0.2)
             done = board.status(job).done
             subprocess.run([sys.executable, "-m", "farm.cli", "cancel", job], env=env, capture_output=True)
-        finally:
-            dispatcher.terminate()
-            dispatcher.wait()
-            stop_workers(worker)
     print(f"1,000,000 items accepted in {accepted:.1f} s (the whole `farm submit` process, Python start included)")
     print(f"submitting process peak RSS: {submit_peak:.0f} MB (target < 300 MB)")
     print(f"dispatcher peak RSS while feeding: {peak_dispatcher:.0f} MB (target < 300 MB)")

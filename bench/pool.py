@@ -17,11 +17,9 @@ from pathlib import Path
 
 from dispatcher import control
 from dispatcher.follow import follow
-from dispatcher.service import start_in_thread
 from dispatcher.submit import submit
 from farm import pool
-from farm.embedded import RedisServer, start_workers, stop_workers, wait_for_workers, wait_until
-from farm.progress import JobBoard
+from farm.embedded import EmbeddedFarm, wait_until
 from farm.settings import Settings
 from farm.spec import parse_spec
 
@@ -31,28 +29,15 @@ def spec(items: int, **extra):
                        "height": 64, "steps": 4, "batch_size": 4, **extra})
 
 
-def farm(tmp: Path, workers: int):
-    server = RedisServer(tmp / f"redis-{workers}").start()
-    settings = Settings.from_env().with_overrides(broker_url=server.url, store=str(tmp / "store"),
-                                                  cache_dir=tmp / "cache", device="cpu", cpu_threads=1)
-    procs = [start_workers(settings, gpus="none", name=f"bench{i}", log=open(tmp / f"w{i}.log", "ab"))
-             for i in range(workers)]
-    wait_for_workers(settings.broker_url, workers)
-    _, stop = start_in_thread(settings)
-
-    def close():
-        stop.set()
-        for p in procs:
-            stop_workers(p)
-        server.stop()
-
-    return settings, close
+def farm(tmp: Path, workers: int) -> EmbeddedFarm:
+    settings = Settings.from_env().with_overrides(store=str(tmp / "store"), cache_dir=tmp / "cache", device="cpu",
+                                                  cpu_threads=1)
+    return EmbeddedFarm(settings, tmp / f"farm-{workers}", workers=workers, name="bench")
 
 
 def fair_share(tmp: Path) -> float:
-    settings, close = farm(tmp, 1)
-    try:
-        board = JobBoard.from_url(settings.broker_url)
+    with farm(tmp, 1) as embedded:
+        settings, board = embedded.settings, embedded.board
         big = submit(spec(2000), settings, user="ann").job_id
         wait_until(lambda: board.status(big).done > 0, 120, "ann's job to start")
         time.sleep(5)
@@ -61,8 +46,6 @@ def fair_share(tmp: Path) -> float:
         fraction = board.status(big).done / 2000
         control.cancel(board, None, big)
         return fraction
-    finally:
-        close()
 
 
 def affinity(tmp: Path) -> tuple[int, int]:
@@ -70,14 +53,11 @@ def affinity(tmp: Path) -> tuple[int, int]:
 
     source = builtin_model_dir(TINY_SD, tmp / "cache")
     models = [str(shutil.copytree(source, tmp / name)) for name in ("alpha", "beta", "gamma")]
-    settings, close = farm(tmp, 2)
-    try:
-        board = JobBoard.from_url(settings.broker_url)
-        job = submit(spec(20, batch_size=2, grid={"model": models}), settings).job_id
+    with farm(tmp, 2) as embedded:
+        board = embedded.board
+        job = submit(spec(20, batch_size=2, grid={"model": models}), embedded.settings).job_id
         status = follow(board, job, interval=0.1)
-        return status.done, sum(w.loads for w in pool.read(board.redis, settings.queue))
-    finally:
-        close()
+        return status.done, sum(w.loads for w in pool.read(board.redis, embedded.settings.queue))
 
 
 def main() -> None:

@@ -18,12 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dispatcher.follow import follow
-from dispatcher.service import start_in_thread
 from dispatcher.submit import submit
 from farm import manifest
-from farm.embedded import RedisServer, start_workers, stop_workers, wait_for_workers
+from farm.embedded import EmbeddedFarm
 from farm.plan import Plan
-from farm.progress import JobBoard
 from farm.settings import Settings
 from farm.spec import parse_spec
 from farm.store import LocalStore
@@ -54,10 +52,9 @@ def plain_loop(spec, cache_dir: Path, out: Path):
     The model is loaded and warm before the first run."""
     import torch
 
-    from farm import png
+    from farm import __version__, infotext, png
     from workers.models import ModelCache
     from workers.render import txt2img
-    from workers.tasks import parameters_text
 
     model = ModelCache(cache_dir, torch.device("cpu"), torch.float32).get("tiny-sd")
     plan = Plan(spec, "loop")
@@ -71,7 +68,8 @@ def plain_loop(spec, cache_dir: Path, out: Path):
             before = time.perf_counter()
             image = txt2img(model, [item])[0]
             rendering += time.perf_counter() - before
-            (out / f"{item.index:06d}.png").write_bytes(png.encode(image, parameters_text(item, model.name, model.hash)))
+            text = infotext.for_item(item, model_name=model.name, model_hash=model.hash, version=f"farm {__version__}")
+            (out / f"{item.index:06d}.png").write_bytes(png.encode(image, text))
         return Timing(plan.item_count, time.perf_counter() - started, rendering)
 
     yield run
@@ -82,31 +80,23 @@ def through_farm(spec, cache_dir: Path, out: Path, cpu_threads: int | None = Non
     """Yields run(): the spec submitted as one job to a running farm (Redis, the dispatcher, one
     worker process, a local store), timed to the worker's stamp of the last item. The render
     seconds are the worker's own, from the records."""
-    with RedisServer(out / "redis") as server:
-        settings = Settings.from_env().with_overrides(broker_url=server.url, store=str(out / "store"),
-                                                      cache_dir=cache_dir, device="cpu", cpu_threads=cpu_threads)
-        log = open(out / "workers.log", "wb")
-        workers = start_workers(settings, gpus="none", name="bench", log=log)
-        _, stop_dispatcher = start_in_thread(settings)
-        try:
-            wait_for_workers(settings.broker_url, 1)
-            board = JobBoard.from_url(settings.broker_url)
-            warm = make_spec(1, spec.width, spec.steps, 1, seed_start=10_000)
-            follow(board, submit(warm, settings).job_id)  # loads the model in the worker
+    settings = Settings.from_env().with_overrides(store=str(out / "store"), cache_dir=cache_dir, device="cpu",
+                                                  cpu_threads=cpu_threads)
+    with EmbeddedFarm(settings, out, name="bench") as embedded:
+        settings, board = embedded.settings, embedded.board
+        warm = make_spec(1, spec.width, spec.steps, 1, seed_start=10_000)
+        follow(board, submit(warm, settings).job_id)  # loads the model in the worker
 
-            def run() -> Timing:
-                started = time.time()
-                job = submit(spec, settings)
-                status = follow(board, job.job_id, interval=0.1)
-                # The worker stamps the moment the last item is counted, so polling adds nothing.
-                assert status.done == job.items, status
-                rows = manifest.read_records(LocalStore(settings.store), job.job_id)
-                return Timing(job.items, status.completed - started, sum(r["seconds"] for r in rows))
+        def run() -> Timing:
+            started = time.time()
+            job = submit(spec, settings)
+            status = follow(board, job.job_id, interval=0.1)
+            # The worker stamps the moment the last item is counted, so polling adds nothing.
+            assert status.done == job.items, status
+            rows = manifest.read_records(LocalStore(settings.store), job.job_id)
+            return Timing(job.items, status.completed - started, sum(r["seconds"] for r in rows))
 
-            yield run
-        finally:
-            stop_dispatcher.set()
-            stop_workers(workers)
+        yield run
 
 
 def main() -> None:

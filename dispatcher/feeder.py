@@ -8,9 +8,7 @@ What goes next to a worker with a free slot:
 1. the lane: every runnable `interactive` job before any `batch` one;
 2. the priority: higher first;
 3. fair share: among the users at that lane and priority, the one charged the fewest
-   GPU-seconds (a chunk is charged its items times the job's measured seconds per item;
-   the worker settles the difference when done). A user joining starts a minute of
-   GPU time ahead of the least-served active one (see `enlist`);
+   GPU-seconds (farm/fairshare.py: charged when sent, settled by the worker);
 4. the user's oldest job;
 5. within the job: chunks handed back first, then a chunk of a model the worker holds,
    then of a model no other worker holds or is about to load, then of the model with
@@ -27,24 +25,21 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import redis
 
-from farm import keys, pool
+from farm import fairshare, keys, pool
+from farm.jobs import JobBoard, JobHeader
+from farm.message import RenderMessage
 from farm.plan import Plan
 from farm.pool import WorkerView
-from farm.progress import JobState
 from farm.settings import Settings
 from farm.spec import JobSpec
 from farm.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
-#: Seconds of charge per item before a job has measured its own.
-DEFAULT_SECONDS_PER_ITEM = 1.0
-#: GPU-seconds of head start for a user who joins a lane where others are running.
-NEWCOMER_CREDIT = 60.0
 #: How many heartbeats a worker may miss before its chunks are handed to others.
 MISSED_HEARTBEATS = 3
 #: How long the feeder lock outlives a dispatcher killed in the middle of a round (a round
@@ -57,17 +52,17 @@ SWEEP_INTERVAL = 5.0
 
 
 @dataclass
-class JobView:
-    job_id: str
-    lane: str
-    priority: int
-    user: str
-    created: float
-    store: str
-    seconds_per_item: float
-    state: JobState
+class JobView(JobHeader):
+    """A job as one feeder round sees it: its header, and what this round learnt of it."""
+
+    #: Nothing left to hand out this round.
     exhausted: bool = False
+    #: Chunks assigned to live workers.
     assigned: int = 0
+
+    @classmethod
+    def of(cls, header: JobHeader, assigned: int) -> "JobView":
+        return cls(**{f.name: getattr(header, f.name) for f in fields(JobHeader)}, assigned=assigned)
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -94,45 +89,10 @@ def unsettled(done: bytes | None, failed: bytes | None, total: int) -> list[int]
     return missing
 
 
-def chunk_message(chunk, store_url: str, job: JobView | None = None, charge: float = 0.0) -> dict:
-    """The task's JSON arguments: parameters and store keys, never images."""
-    message = {"job": chunk.job_id, "store": store_url, "chunk": chunk.number,
-               "items": [item.to_dict() for item in chunk.items]}
-    if job is not None:
-        message.update(lane=job.lane, user=job.user, charge=round(charge, 4))
-    return message
-
-
-def enlist(client: redis.Redis, job_id: str, lane: str, user: str, created: float) -> None:
-    """Put a job in its lane. A user who had nothing running there starts NEWCOMER_CREDIT
-    GPU-seconds below the least-served active user (never below their own charge): a small job
-    runs at once, a big one shares evenly once the credit is spent, and old use is forgotten."""
-    active = _active_users(client, lane)
-    shares = client.zrange(keys.lane_shares(lane), 0, -1, withscores=True)
-    scores = {u.decode(): s for u, s in shares}
-    if user not in active:
-        floor = min((scores.get(u, 0.0) for u in active), default=0.0) - NEWCOMER_CREDIT
-        client.zadd(keys.lane_shares(lane), {user: max(floor, scores.get(user, floor)) if active else 0.0})
-    client.zadd(keys.lane_jobs(lane), {job_id: created})
-    client.rpush(keys.FEEDER_WAKE, job_id)
-
-
-def _active_users(client: redis.Redis, lane: str) -> set[str]:
-    jobs = [j.decode() for j in client.zrange(keys.lane_jobs(lane), 0, -1)]
-    with client.pipeline() as pipe:
-        for job_id in jobs:
-            pipe.hmget(keys.job_hash(job_id), "user", "state")
-        rows = pipe.execute()
-    return {u.decode() for u, s in rows if u and s and JobState(s.decode()).runnable}
-
-
-def wake(client: redis.Redis, reason: str = "") -> None:
-    client.rpush(keys.FEEDER_WAKE, reason or "wake")
-
-
 class Feeder:
     def __init__(self, client: redis.Redis, app, settings: Settings, depth: int = pool.WINDOW):
         self.redis = client
+        self.board = JobBoard(client)
         self.app = app
         self.settings = settings
         self.queue = settings.queue
@@ -204,27 +164,18 @@ class Feeder:
 
     def _jobs(self, live: list[WorkerView]) -> list[JobView]:
         ids = [(lane, j.decode()) for lane in keys.LANES for j in self.redis.zrange(keys.lane_jobs(lane), 0, -1)]
-        with self.redis.pipeline() as pipe:
-            for _, job_id in ids:
-                pipe.hgetall(keys.job_hash(job_id))
-            rows = pipe.execute()
+        headers = self.board.headers([job_id for _, job_id in ids])
         in_flight: dict[str, int] = {}
         for worker in live:
             for key in worker.assigned:
                 job_id = key.rsplit("/", 1)[0]
                 in_flight[job_id] = in_flight.get(job_id, 0) + 1
         jobs = []
-        for (lane, job_id), data in zip(ids, rows):
-            data = {k.decode(): v.decode() for k, v in data.items()}
-            if not data or JobState(data["state"]).finished:
+        for (lane, job_id), header in zip(ids, headers):
+            if header is None or header.finished:
                 self.redis.zrem(keys.lane_jobs(lane), job_id)
                 continue
-            jobs.append(JobView(
-                job_id=job_id, lane=lane, priority=int(data.get("priority", 0)), user=data.get("user", ""),
-                created=float(data["created"]), store=data["store"],
-                seconds_per_item=float(data.get("seconds_per_item", DEFAULT_SECONDS_PER_ITEM)),
-                state=JobState(data["state"]), assigned=in_flight.get(job_id, 0),
-            ))
+            jobs.append(JobView.of(header, in_flight.get(job_id, 0)))
         return jobs
 
     # --- choosing ------------------------------------------------------------------------
@@ -236,9 +187,8 @@ class Feeder:
                 return None
             best = min(j.rank for j in candidates)
             level = [j for j in candidates if j.rank == best]
-            users = sorted({j.user for j in level})
-            shares = dict(zip(users, self.redis.zmscore(keys.lane_shares(level[0].lane), users)))
-            user = min(users, key=lambda u: (shares.get(u) or 0.0, min(j.created for j in level if j.user == u)))
+            oldest = {u: min(j.created for j in level if j.user == u) for u in {j.user for j in level}}
+            user = fairshare.choose_user(self.redis, level[0].lane, oldest)
             job = min((j for j in level if j.user == user), key=lambda j: j.created)
             number = self._next_chunk(job, worker, live)
             if number is not None:
@@ -248,9 +198,9 @@ class Feeder:
 
     def _next_chunk(self, job: JobView, worker: WorkerView, live: list[WorkerView]) -> int | None:
         plan = self.plan(job)
-        while (back := self.redis.lpop(keys.handed_back(job.job_id))) is not None:
-            if not self._all_settled(job.job_id, plan, int(back)):
-                return int(back)
+        while (back := self.board.take_handed_back(job.job_id)) is not None:
+            if not self._all_settled(job.job_id, plan, back):
+                return back
         taken = {int(g): int(n) for g, n in self.redis.hgetall(keys.cursors(job.job_id)).items()}
         left = {g: plan.group_chunk_count(g) - taken.get(g, 0) for g in range(len(plan.models))}
         left = {g: n for g, n in left.items() if n > 0}
@@ -285,16 +235,16 @@ class Feeder:
 
     def _send(self, worker: WorkerView, job: JobView, number: int) -> None:
         chunk = self.plan(job).chunk(number)
-        charge = len(chunk.items) * job.seconds_per_item
         # Recorded before it is sent: a chunk is never in a queue without an owner to reclaim
         # it from. A crash between the two leaves an assignment with no message, which
         # _reconcile hands back a few heartbeats later.
         assignment = {"model": chunk.items[0].model, "items": len(chunk.items), "at": time.time()}
         with self.redis.pipeline() as pipe:
             pipe.hset(keys.worker_assigned(worker.name), keys.assignment(job.job_id, number), json.dumps(assignment))
-            pipe.zincrby(keys.lane_shares(job.lane), charge, job.user)
+            charged = fairshare.charge(pipe, job.lane, job.user, len(chunk.items), job.seconds_per_item)
             pipe.execute()
-        self.app.send_task(keys.RENDER_TASK, kwargs=chunk_message(chunk, job.store, job, charge), queue=worker.queue)
+        message = RenderMessage(chunk, job.store, charged)
+        self.app.send_task(keys.RENDER_TASK, kwargs=message.to_kwargs(), queue=worker.queue)
         worker.assigned[keys.assignment(job.job_id, number)] = assignment
         job.assigned += 1
 
@@ -313,7 +263,7 @@ class Feeder:
         lost = [k for k in old if k not in queued and k not in worker.holding]
         for key in lost:
             with self.redis.pipeline() as pipe:
-                pool.hand_back(pipe, worker.name, key)
+                pool.hand_back(self.board, pipe, worker.name, key)
                 pipe.execute()
             del worker.assigned[key]
             log.warning("chunk %s was assigned to %s but never reached it; handed back", key, worker.name)
@@ -332,5 +282,5 @@ class Feeder:
         missing = {plan.chunk_of(i) for i in unsettled(done, failed, plan.item_count)}
         if missing:
             log.warning("job %s: %d chunks were lost on the way; handing them out again", job.job_id, len(missing))
-            self.redis.rpush(keys.handed_back(job.job_id), *sorted(missing))
+            self.board.hand_back(job.job_id, *sorted(missing))
             job.exhausted = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from farm.progress import JobBoard, JobStatus
+from farm.jobs import JobBoard, JobStatus
 
 
 def follow(board: JobBoard, job_id: str, on_status: Callable[[JobStatus], None] | None = None,

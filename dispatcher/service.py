@@ -15,12 +15,12 @@ import socket
 import threading
 import time
 
-import redis
-
+from dispatcher.feeder import Feeder
 from farm import keys
 from farm.celery_app import make_celery
+from farm.connections import connect
+from farm.errors import BrokerUnavailable
 from farm.settings import Settings
-from dispatcher.feeder import Feeder
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ TICK = 1.0
 
 def serve(settings: Settings, stop: threading.Event | None = None, tick: float = TICK) -> None:
     stop = stop or threading.Event()
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=tick + 10,
-                                  health_check_interval=30)
+    # Replies wait at most the BLPOP's block and a margin; a longer silence is a Redis away.
+    client = connect(settings, socket_timeout=tick + 10)
     feeder = Feeder(client, make_celery(settings), settings)
     me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
     delay = 0.5
@@ -45,7 +45,7 @@ def serve(settings: Settings, stop: threading.Event | None = None, tick: float =
             if client.blpop([keys.FEEDER_WAKE], timeout=tick):
                 client.delete(keys.FEEDER_WAKE)
             delay = 0.5
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+        except BrokerUnavailable as e:
             log.warning("Redis did not answer (%s); retrying in %.1fs", e, delay)
             stop.wait(delay)
             delay = min(delay * 2, 10.0)
@@ -62,5 +62,5 @@ def start_in_thread(settings: Settings) -> tuple[threading.Thread, threading.Eve
     return thread, stop
 
 
-def is_running(client: redis.Redis) -> bool:
+def is_running(client) -> bool:
     return bool(client.exists(keys.DISPATCHER))

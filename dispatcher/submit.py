@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 from kombu.exceptions import OperationalError
 
-from dispatcher.feeder import enlist
 from dispatcher.inputs import upload_inputs
-from farm import __version__, keys
+from farm import __version__, fairshare, keys
 from farm.celery_app import make_celery
 from farm.errors import BrokerUnavailable, SpecError
+from farm.jobs import JobBoard
 from farm.plan import Plan
-from farm.progress import JobBoard
 from farm.settings import Settings
 from farm.spec import JobSpec
 from farm.store import Store, check_writable, open_store
@@ -52,9 +51,7 @@ def submit(spec: JobSpec, settings: Settings, user: str | None = None, store: St
     spec = spec.with_resolved_seeds()
     spec = with_placement(spec, lane, priority)
     user = check_user(user or default_user())
-    if not settings.store:
-        raise ValueError("no store: set FARM_STORE (s3://bucket/prefix or a folder) or pass --store")
-    store = store or open_store(settings.store, settings)
+    store = store or open_store(settings.require_store(), settings)
     job_id = keys.new_job_id(spec.name)
 
     # 2. Check every service before anything is written or queued.
@@ -72,16 +69,16 @@ def submit(spec: JobSpec, settings: Settings, user: str | None = None, store: St
         "items": plan.item_count, "chunks": plan.chunk_count, "spec": spec.to_json_dict(),
     }
     store.put(keys.job_json(job_id), json.dumps(job, indent=2, ensure_ascii=False).encode(), "application/json")
-    register(board, job_id, plan, store.url, user, spec, created)
+    register(board, job_id, plan, store_url=store.url, user=user, created=created)
     return Submitted(job_id, plan.item_count, plan.chunk_count, store.url)
 
 
-def register(board: JobBoard, job_id: str, plan: Plan, store_url: str, user: str, spec: JobSpec,
-             created: float) -> None:
+def register(board: JobBoard, job_id: str, plan: Plan, *, store_url: str, user: str, created: float) -> None:
     """The job's state in Redis, then its place in its lane (`farm resume` rebuilds through here too)."""
-    board.create(job_id, plan.item_count, plan.chunk_count, store_url, user, spec.name or "", spec.lane,
-                 spec.priority, created)
-    enlist(board.redis, job_id, spec.lane, user, created)
+    spec = plan.spec
+    board.create(job_id, total=plan.item_count, chunks=plan.chunk_count, store_url=store_url, user=user,
+                 name=spec.name or "", lane=spec.lane, priority=spec.priority, created=created)
+    fairshare.enlist(board, job_id, spec.lane, user, created)
 
 
 def check_placement(lane: str | None, priority: int | None) -> None:

@@ -12,9 +12,7 @@ from farm.settings import Settings
 
 
 def make_celery(settings: Settings) -> Celery:
-    if not settings.broker_url:
-        raise ValueError("no broker: set FARM_BROKER_URL (redis://host:6379/0) or pass --broker")
-    app = Celery("farm", broker=settings.broker_url, set_as_current=False)
+    app = Celery("farm", broker=settings.require_broker(), set_as_current=False)
     app.conf.update(
         # Messages are JSON only: a pickled message is refused and never runs.
         task_serializer="json",

@@ -26,8 +26,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from farm import keys
-from farm.errors import FarmError, JobNotFound, PermanentError, RetriableError, SpecError, StoreAccessDenied
-from farm.progress import JobBoard, JobState, JobStatus
+from farm.errors import (
+    BrokerAccessDenied,
+    FarmError,
+    JobNotFound,
+    PermanentError,
+    RetriableError,
+    SpecError,
+    StoreAccessDenied,
+)
+from farm.jobs import JobBoard, JobState, JobStatus
 from farm.settings import Settings
 from farm.spec import load_spec
 
@@ -55,8 +63,6 @@ def _fail(code: int, message: str) -> typer.Exit:
 @contextmanager
 def _errors():
     """Turn farm's errors into one-line reasons and the documented exit codes."""
-    import redis
-
     try:
         yield
     except SpecError as e:
@@ -66,7 +72,7 @@ def _errors():
         raise typer.Exit(EXIT_BAD_INPUT)
     except JobNotFound as e:
         raise _fail(EXIT_NOT_FOUND, str(e))
-    except (StoreAccessDenied, RetriableError, redis.ConnectionError, redis.AuthenticationError) as e:
+    except (StoreAccessDenied, BrokerAccessDenied, RetriableError) as e:
         raise _fail(EXIT_SERVICE, str(e))
     except (PermanentError, ValueError, FarmError) as e:
         raise _fail(EXIT_BAD_INPUT, str(e))
@@ -113,52 +119,33 @@ def run(
     gpus: str = typer.Option("all", help="GPUs for the embedded workers: all, none, or a list such as 0,1"),
 ):
     """Render a job on this machine: a private Redis and real worker processes, outputs in a folder."""
-    from dispatcher.service import start_in_thread
     from dispatcher.submit import submit
-    from farm.embedded import RedisServer, start_workers, stop_workers, wait_for_workers
+    from farm.contact import write_job_sheet
+    from farm.embedded import EmbeddedFarm
 
     with _errors():
         job = load_spec(spec, Settings.from_env().allow_pickle)
         out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="farm-run-") as tmp, RedisServer(Path(tmp) / "redis") as server:
-            settings = Settings.from_env().with_overrides(broker_url=server.url, store=str(out_dir.resolve()))
-            with open(Path(tmp) / "workers.log", "wb") as log:
-                workers = start_workers(settings, gpus=gpus, name=f"run-{os.getpid()}", log=log)
-                _, stop_dispatcher = start_in_thread(settings)
-                try:
-                    with console.status("starting a worker (loads torch and the model)..."):
-                        wait_for_workers(settings.broker_url, 1)
-                    submitted = submit(job, settings)
-                    console.print(f"job [bold]{submitted.job_id}[/bold]: {submitted.items} images "
-                                  f"in {submitted.chunks} batches", highlight=False)
-                    status = _follow_with_bar(JobBoard.from_url(settings.broker_url), submitted.job_id, submitted.items)
-                finally:
-                    stop_dispatcher.set()
-                    stop_workers(workers)
+        with tempfile.TemporaryDirectory(prefix="farm-run-") as tmp:
+            settings = Settings.from_env().with_overrides(store=str(out_dir.resolve()))
+            farm = EmbeddedFarm(settings, Path(tmp), gpus=gpus, name=f"run-{os.getpid()}").start(wait=False)
+            with farm:
+                # Queued while the worker starts: the dispatcher hands it out the moment it joins.
+                submitted = submit(job, farm.settings)
+                console.print(f"job [bold]{submitted.job_id}[/bold]: {submitted.items} images "
+                              f"in {submitted.chunks} batches", highlight=False)
+                with console.status("starting a worker (loads torch and the model)..."):
+                    farm.wait_ready()
+                status = _follow_with_bar(farm.board, submitted.job_id, submitted.items)
         job_dir = out_dir / submitted.job_id
-        _write_contact_sheet(job_dir)
+        _say_sheet(write_job_sheet(job_dir))
         typer.echo(str(job_dir))
         raise typer.Exit(_finish_code(status))
 
 
-def _write_contact_sheet(job_dir: Path) -> None:
-    """grid.png beside the images: seeds across; prompts, then grid cells, down."""
-    from farm.contact import contact_sheet
-
-    manifest_path = job_dir / "manifest.jsonl"
-    if not manifest_path.exists():
-        return
-    rows = [json.loads(line) for line in manifest_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    spec = json.loads((job_dir / "job.json").read_text())["spec"]
-    seeds = spec["seeds"]
-    columns = min(seeds["count"] if isinstance(seeds, dict) else len(seeds), len(rows))
-    axes = list(spec.get("grid", {}))
-    labels = [" | ".join([r["prompt"], *(f"{a} {r.get(a)}" for a in axes)]) for r in rows[::columns]]
-    images = [(job_dir.parent / r["key"]).read_bytes() for r in rows]
-    contact_sheet(images, columns=columns, row_labels=labels).save(job_dir / "grid.png")
-    console.print(f"contact sheet: {job_dir / 'grid.png'}", highlight=False)
+def _say_sheet(path: Path | None) -> None:
+    if path is not None:
+        console.print(f"contact sheet: {path}", highlight=False)
 
 
 @app.command()
@@ -181,17 +168,15 @@ def submit(
 
     with _errors():
         settings = _settings(broker, store, endpoint_url)
-        if not settings.broker_url:
-            raise ValueError("no broker: set FARM_BROKER_URL or pass --broker")
+        board = _board(settings)
         job = _spec_from_args(spec, from_image, model, settings.allow_pickle)
         submitted = do_submit(job, settings, user=user, lane=lane, priority=priority)
         typer.echo(submitted.job_id)
-        board = JobBoard.from_url(settings.broker_url)
         if not is_running(board.redis):
             console.print("[yellow]note:[/yellow] no dispatcher is running; the job waits until one starts "
                           "(`farm dispatcher`)", highlight=False)
         if wait:
-            status = _follow_with_bar(JobBoard.from_url(settings.broker_url), submitted.job_id, submitted.items)
+            status = _follow_with_bar(board, submitted.job_id, submitted.items)
             raise typer.Exit(_finish_code(status))
 
 
@@ -210,11 +195,9 @@ def _spec_from_args(spec: Optional[Path], from_image: Optional[Path], model: Opt
     return parse_spec(spec_from_image(data, model), allow_pickle=allow_pickle)
 
 
-def _board(broker: Optional[str]) -> JobBoard:
-    settings = _settings(broker)
-    if not settings.broker_url:
-        raise ValueError("no broker: set FARM_BROKER_URL or pass --broker")
-    return JobBoard.from_url(settings.broker_url)
+def _board(settings: Settings) -> JobBoard:
+    """The job board on the settings' broker; SettingMissing when none is set."""
+    return JobBoard.from_url(settings.require_broker())
 
 
 def _eta(status: JobStatus) -> str:
@@ -235,7 +218,7 @@ def status(
 ):
     """Show a job's counts (queued, running, done, failed), ETA and failed items."""
     with _errors():
-        board = _board(broker)
+        board = _board(_settings(broker))
         s = board.status(job_id)
         if watch and not s.finished:
             s = _follow_with_bar(board, job_id, s.total)
@@ -270,21 +253,11 @@ def results(
 ):
     """Download a job's images, job.json and manifest.jsonl, or share them by presigned URL."""
     from dispatcher.results import download, parse_duration, share
-    from farm.store import open_store
+    from farm.contact import write_job_sheet
 
     with _errors():
-        keys.check_job_id(job_id)
         settings = _settings(broker, store, endpoint_url)
-        store_url = settings.store
-        if settings.broker_url:
-            try:
-                store_url = JobBoard.from_url(settings.broker_url).status(job_id).store
-            except JobNotFound:
-                if not store_url:
-                    raise
-        if not store_url:
-            raise ValueError("no store: set FARM_STORE or pass --store")
-        source = open_store(store_url, settings)
+        source = _job_store(_board(settings) if settings.broker_url else None, job_id, settings)
         if urls:
             seconds = parse_duration(expires)
             for key, url in share(source, job_id, seconds):
@@ -294,7 +267,7 @@ def results(
             task = bar.add_task("downloading", total=None, detail="")
             files = download(source, job_id, out_dir, on_file=lambda _k: bar.advance(task))
         images = sum(1 for f in files if "/images/" in f)
-        _write_contact_sheet(out_dir / job_id)
+        _say_sheet(write_job_sheet(out_dir / job_id))
         out.print(f"{images} images in {out_dir / job_id}", highlight=False)
 
 
@@ -306,22 +279,24 @@ def worker(
 ):
     """Start one worker process per GPU on this host (one CPU worker without GPUs)."""
     settings = _settings(broker)
-    if not settings.broker_url:
-        raise _fail(EXIT_BAD_INPUT, "no broker: set FARM_BROKER_URL or pass --broker")
+    with _errors():
+        settings.require_broker()
     env = {**os.environ, **settings.to_env()}
     args = [sys.executable, "-m", "workers.supervisor", "--gpus", gpus] + (["--name", name] if name else [])
     os.execve(sys.executable, args, env)
 
 
-def _job_store(board: JobBoard, job_id: str, settings: Settings):
+def _job_store(board: JobBoard | None, job_id: str, settings: Settings):
     """The store a job writes to: from its state in Redis, else FARM_STORE / --store."""
     from farm.store import open_store
 
     keys.check_job_id(job_id)
-    url = board.redis.hget(keys.job_hash(job_id), "store")
-    url = url.decode() if url else settings.store
-    if not url:
-        raise ValueError("Redis does not know this job: give its store with FARM_STORE or --store")
+    try:
+        url = board.header(job_id).store if board is not None else settings.require_store()
+    except JobNotFound:
+        if not settings.store:
+            raise JobNotFound(f"no job {job_id!r} in Redis; give its store with FARM_STORE or --store") from None
+        url = settings.store
     return open_store(url, settings)
 
 
@@ -333,7 +308,7 @@ def cancel(job_id: str = typer.Argument(...), broker: Optional[str] = BrokerOpt,
 
     with _errors():
         settings = _settings(broker, store, endpoint_url)
-        board = _board(broker)
+        board = _board(settings)
         before = control.cancel(board, _job_store(board, job_id, settings), job_id)
         s = board.status(job_id)
         out.print(f"{job_id}: cancelled (was {before.value}); {s.done} of {s.total} images stored", highlight=False)
@@ -345,7 +320,7 @@ def pause(job_id: str = typer.Argument(...), broker: Optional[str] = BrokerOpt):
     from dispatcher import control
 
     with _errors():
-        control.pause(_board(broker), job_id)
+        control.pause(_board(_settings(broker)), job_id)
         out.print(f"{job_id}: paused", highlight=False)
 
 
@@ -358,7 +333,7 @@ def resume(job_id: str = typer.Argument(...), broker: Optional[str] = BrokerOpt,
 
     with _errors():
         settings = _settings(broker, store, endpoint_url)
-        board = _board(broker)
+        board = _board(settings)
         outcome = control.resume(board, _job_store(board, job_id, settings), job_id)
         if isinstance(outcome, control.Rebuilt):
             out.print(f"{job_id}: rebuilt from the store; {outcome.already_stored} of {outcome.total} images "
@@ -375,7 +350,7 @@ def priority(job_id: str = typer.Argument(...), value: int = typer.Argument(...,
     from dispatcher.submit import check_placement
 
     with _errors():
-        board = _board(broker)
+        board = _board(_settings(broker))
         check_placement(None, value)
         control.set_priority(board, job_id, value)
         out.print(f"{job_id}: priority {value}", highlight=False)
@@ -391,7 +366,7 @@ def workers(
 
     with _errors():
         settings = _settings(broker)
-        views = pool.read(_board(broker).redis, settings.queue)
+        views = pool.read(_board(settings).redis, settings.queue)
         now = time.time()
         rows = [{
             "worker": w.name, "host": w.host, "gpu": w.gpu, "device": w.device, "models": w.models,
@@ -425,8 +400,7 @@ def dispatcher(broker: Optional[str] = BrokerOpt):
 
     with _errors():
         settings = _settings(broker)
-        if not settings.broker_url:
-            raise ValueError("no broker: set FARM_BROKER_URL or pass --broker")
+        settings.require_broker()
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         console.print(f"dispatcher feeding queues {settings.queue}.<worker>; Ctrl-C to stop", highlight=False)
         serve(settings)

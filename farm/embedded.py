@@ -1,4 +1,5 @@
-"""A one-machine farm for `farm run`: a private Redis and real worker processes.
+"""A one-machine farm for `farm run` and the benchmarks: a private Redis, real worker
+processes and a dispatcher, started together and stopped together (`EmbeddedFarm`).
 
 This is the production path on one host, not a shortcut: the job goes through
 Redis and Celery to a separate worker process, exactly as on a pool.
@@ -13,14 +14,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-
-import redis
+from typing import IO, Literal
 
 from farm import keys
+from farm.connections import connect
 from farm.errors import BrokerUnavailable, FarmError
+from farm.jobs import JobBoard
 from farm.settings import Settings
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -86,14 +90,14 @@ class RedisServer:
             args += ["--requirepass", self.password]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        client = connect(self.url, connect_timeout=0.5)
 
         def up():
             if self.process.poll() is not None:
                 raise BrokerUnavailable(f"redis-server exited; see {self.dir / 'redis.log'}")
             try:
                 return client.ping()
-            except redis.ConnectionError:
+            except BrokerUnavailable:
                 return False
 
         wait_until(up, timeout, "redis-server to answer")
@@ -122,7 +126,7 @@ def start_workers(settings: Settings, gpus: str = "all", name: str | None = None
 
 
 def wait_for_workers(broker_url: str, count: int, timeout: float = 120) -> None:
-    client = redis.Redis.from_url(broker_url)
+    client = connect(broker_url)
     wait_until(lambda: client.hlen(keys.WORKERS) >= count, timeout, f"{count} worker(s) to start", interval=0.1)
 
 
@@ -134,3 +138,78 @@ def stop_workers(process: subprocess.Popen, timeout: float = 60) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+class EmbeddedFarm:
+    """Redis, `workers` worker processes and a dispatcher on this host, for one `with` block.
+
+    The dispatcher runs as a thread of this process, or (`dispatcher="process"`) as
+    `farm dispatcher` in its own, for a benchmark that measures it. `settings` gives
+    everything but the broker, which is the private Redis; `farm.settings` is the
+    result, for submitting to it.
+    """
+
+    def __init__(self, settings: Settings, work_dir: Path, *, workers: int = 1, gpus: str = "none",
+                 name: str = "embedded", dispatcher: Literal["thread", "process"] = "thread"):
+        self.work_dir = Path(work_dir)
+        self.server = RedisServer(self.work_dir / "redis")
+        self.settings = settings.with_overrides(broker_url=self.server.url)
+        self.workers, self.gpus, self.name, self.dispatcher_mode = workers, gpus, name, dispatcher
+        self.processes: list[subprocess.Popen] = []
+        self.dispatcher: subprocess.Popen | None = None
+        self._stop_dispatcher: threading.Event | None = None
+        self._logs: list[IO] = []
+        self.started = False
+
+    @property
+    def board(self) -> JobBoard:
+        return JobBoard.from_url(self.settings.broker_url)
+
+    def start(self, wait: bool = True, timeout: float = 120) -> "EmbeddedFarm":
+        """Start everything; with `wait`, return once every worker has joined the pool."""
+        self.started = True
+        if self.server.process is None:
+            self.server.start()
+        for i in range(self.workers):
+            log = open(self.work_dir / f"worker-{i}.log", "ab")
+            self._logs.append(log)
+            name = self.name if self.workers == 1 else f"{self.name}{i}"
+            self.processes.append(start_workers(self.settings, gpus=self.gpus, name=name, log=log))
+        self._start_dispatcher()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def _start_dispatcher(self) -> None:
+        if self.dispatcher_mode == "process":
+            log = open(self.work_dir / "dispatcher.log", "ab")
+            self._logs.append(log)
+            self.dispatcher = subprocess.Popen([sys.executable, "-m", "farm.cli", "dispatcher"],
+                                               env={**os.environ, **self.settings.to_env()}, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True)
+            return
+        # A lazy import: farm/ rests on nothing above it; only this one-host starter runs the dispatcher.
+        from dispatcher.service import start_in_thread
+
+        _, self._stop_dispatcher = start_in_thread(self.settings)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        wait_for_workers(self.settings.broker_url, self.workers, timeout)
+
+    def stop(self) -> None:
+        if self._stop_dispatcher is not None:
+            self._stop_dispatcher.set()
+        if self.dispatcher is not None and self.dispatcher.poll() is None:
+            self.dispatcher.terminate()
+            self.dispatcher.wait(timeout=30)
+        for process in self.processes:
+            stop_workers(process)
+        self.server.stop()
+        for log in self._logs:
+            log.close()
+
+    def __enter__(self) -> "EmbeddedFarm":
+        return self if self.started else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -6,6 +6,8 @@
      |    +-- ModelError         a model cannot be found, refused or loaded
      |    +-- StoreAccessDenied  the store refused our credentials
      |    +-- JobNotFound        no job of that id in Redis or the store
+     |    +-- BrokerAccessDenied Redis refused our credentials
+     |    +-- SettingMissing     a setting the command needs is not set
      +-- RetriableError          retried with backoff: a service blinked
           +-- StoreUnavailable   the object store did not answer
           +-- BrokerUnavailable  Redis did not answer
@@ -48,6 +50,14 @@ class StoreAccessDenied(PermanentError):
 
 class JobNotFound(PermanentError):
     """No job of this id is known."""
+
+
+class BrokerAccessDenied(PermanentError):
+    """Redis answered, and refused our credentials."""
+
+
+class SettingMissing(PermanentError):
+    """A setting this command needs (the broker, the store) is not set."""
 
 
 class StoreUnavailable(RetriableError):

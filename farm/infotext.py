@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from farm.spec import ResizeMode
+
+if TYPE_CHECKING:
+    from farm.plan import Item
 
 #: The webui's key order; keys not listed here follow in the order given, before Version.
 KEY_ORDER = (
@@ -80,3 +86,65 @@ def parse(text: str) -> dict[str, Any]:
         else:
             result[key] = value
     return result
+
+
+# --- the farm's parameters, both ways ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One infotext key: how an item writes it, and which spec field it reads back into."""
+
+    key: str
+    #: The value for an item, or None to leave the key out (as the webui leaves out defaults).
+    write: Callable[["Item"], Any]
+    #: The spec field `farm submit --from-image` sets from it, and how; None: not read back.
+    field: str | None = None
+    read: Callable[[str], Any] = str
+
+
+def _inpaint(item: "Item") -> bool:
+    return item.mode == "inpaint"
+
+
+def _only_masked(item: "Item") -> bool:
+    return item.inpaint_area == "only masked"
+
+
+#: Every key the farm writes from an item, in the webui's order (keys after the model's are
+#: written after it; infotext.build orders the rest).
+PARAMS = (
+    Param("Steps", lambda i: i.steps, "steps", int),
+    Param("Sampler", lambda i: i.sampler, "sampler"),
+    Param("Schedule type", lambda i: i.schedule_type, "schedule_type"),
+    Param("CFG scale", lambda i: i.cfg_scale, "cfg_scale", float),
+    Param("Seed", lambda i: i.seed),
+    Param("Size", lambda i: f"{i.width}x{i.height}"),
+    Param("Variation seed", lambda i: i.variation_seed if i.variation_strength else None, "variation_seed", int),
+    Param("Variation seed strength", lambda i: i.variation_strength or None, "variation_strength", float),
+    Param("Seed resize from", lambda i: "{}x{}".format(*i.resize_seed_from) if i.resize_seed_from else None),
+    Param("Denoising strength", lambda i: i.hires.denoising_strength if i.hires else i.denoising_strength),
+    Param("Clip skip", lambda i: i.clip_skip if i.clip_skip > 1 else None, "clip_skip", int),
+    Param("Hires upscale", lambda i: i.hires.scale if i.hires else None),
+    Param("Hires steps", lambda i: i.hires.steps or None if i.hires else None),
+    Param("Hires upscaler", lambda i: i.hires.upscaler if i.hires else None),
+    Param("Mask blur", lambda i: i.mask_blur if _inpaint(i) else None),
+    Param("Masked content", lambda i: i.masked_content),
+    Param("Inpaint area", lambda i: "Only masked" if _only_masked(i) else None),
+    Param("Masked area padding", lambda i: i.padding if _only_masked(i) else None),
+    Param("Mask mode", lambda i: "Inpaint not masked" if i.invert_mask else None),
+    Param("Resize mode", lambda i: ResizeMode(i.resize_mode).label if i.mode != "txt2img" and i.resize_mode else None),
+    Param("Fix steps", lambda i: "True" if i.fix_steps else None),
+)
+
+#: infotext key -> (spec field, converter), for the keys that read straight back into a spec.
+READ_BACK = {p.key: (p.field, p.read) for p in PARAMS if p.field}
+
+
+def for_item(item: "Item", *, model_name: str, model_hash: str, vae_name: str | None = None,
+             vae_hash: str | None = None, version: str) -> str:
+    """The `parameters` text of an image the farm drew for `item`."""
+    params = {p.key: p.write(item) for p in PARAMS}
+    params.update({"Model hash": model_hash or None, "Model": model_name, "VAE hash": vae_hash or None,
+                   "VAE": vae_name})
+    return build(item.prompt, item.negative_prompt, params, version=version)

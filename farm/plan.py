@@ -10,13 +10,27 @@ pure function of the spec, so a rerun renders every image in the same batch.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from typing import Iterator
 
 from farm import samplers
 from farm.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class HiresPass:
+    """Hires fix's second pass: how the first pass is upscaled, and the img2img run at the larger size."""
+
+    upscaler: str
+    scale: float
+    #: Steps of the second pass; 0 means as many as the first.
+    steps: int
+    denoising_strength: float
+
+    @property
+    def latent(self) -> bool:
+        """Upscaled in latent space (the "Latent" upscalers), not as pixels."""
+        return self.upscaler.startswith("Latent")
 
 
 @dataclass(frozen=True)
@@ -35,8 +49,7 @@ class Item:
     height: int
     clip_skip: int = 1
     vae: str | None = None
-    #: Hires fix: (upscaler, scale, second-pass steps, denoising strength), or None.
-    hires: tuple | None = None
+    hires: HiresPass | None = None
     variation_seed: int | None = None
     variation_strength: float = 0.0
     resize_seed_from: tuple[int, int] | None = None
@@ -53,19 +66,20 @@ class Item:
     invert_mask: bool = False
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready; hires as its four values in order, the form messages and records carry."""
+        data = asdict(self)
+        if self.hires is not None:
+            data["hires"] = list(astuple(self.hires))
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Item":
         data = dict(data)
-        for name in ("resize_seed_from", "hires"):
-            if data.get(name) is not None:
-                data[name] = tuple(data[name])
+        if data.get("resize_seed_from") is not None:
+            data["resize_seed_from"] = tuple(data["resize_seed_from"])
+        if data.get("hires") is not None:
+            data["hires"] = HiresPass(*data["hires"])
         return cls(**data)
-
-    def params_digest(self) -> str:
-        """A digest of everything that decides this item's pixels (the batch too)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -131,7 +145,7 @@ class Plan:
             height=value("height"),
             clip_skip=value("clip_skip"),
             vae=value("vae"),
-            hires=(spec.hires.upscaler, spec.hires.scale, spec.hires.steps, spec.hires.denoising_strength)
+            hires=HiresPass(spec.hires.upscaler, spec.hires.scale, spec.hires.steps, spec.hires.denoising_strength)
             if spec.hires else None,
             variation_seed=value("variation_seed") if strength > 0 else None,
             variation_strength=strength,

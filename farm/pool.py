@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import redis
 
 from farm import keys
+from farm.jobs import JobBoard
 
 #: Chunks assigned to one worker at a time: the one it renders and the next, which it has
 #: already taken from its queue (Celery's prefetch is the same number), so it never waits
@@ -105,33 +106,40 @@ def release(client: redis.Redis, worker: WorkerView | str, queue: str | None = N
     name = worker if isinstance(worker, str) else worker.name
     worker_queue = queue or (worker.queue if isinstance(worker, WorkerView) else None)
     assigned = [k.decode() for k in client.hkeys(keys.worker_assigned(name))]
+    board = JobBoard(client)
     with client.pipeline() as pipe:
         for key in assigned:
-            hand_back(pipe, name, key)
+            hand_back(board, pipe, name, key)
             job_id, number = key.rsplit("/", 1)
-            pipe.hdel(keys.running(job_id), number)
+            board.clear_running(job_id, int(number), pipe)
         pipe.delete(keys.worker_assigned(name), keys.worker_live(name))
         if worker_queue:
             pipe.delete(worker_queue)
         pipe.hdel(keys.WORKERS, name)
-        pipe.rpush(keys.FEEDER_WAKE, name)
+        wake(pipe, name)
         pipe.execute()
     return len(assigned)
 
 
-def hand_back(client: redis.Redis, name: str, assignment: str) -> None:
-    """Take `<job>/<chunk>` from a worker and give it back to its job, to be handed out first.
-    `client` may be the caller's pipeline."""
+def hand_back(board: JobBoard, pipe, name: str, assignment: str) -> None:
+    """Take `<job>/<chunk>` from a worker and give it back to its job, to be handed out first,
+    on the caller's pipeline."""
     job_id, number = assignment.rsplit("/", 1)
-    client.hdel(keys.worker_assigned(name), assignment)
-    client.rpush(keys.handed_back(job_id), number)
+    pipe.hdel(keys.worker_assigned(name), assignment)
+    board.hand_back(job_id, int(number), pipe=pipe)
 
 
 def finished_chunk(client: redis.Redis, name: str, job_id: str, chunk: int) -> None:
     """The worker is done with a chunk (rendered, failed, dropped or handed back): its slot is
     free, and the feeder is woken to fill it. `client` may be the caller's pipeline."""
     client.hdel(keys.worker_assigned(name), keys.assignment(job_id, chunk))
-    client.rpush(keys.FEEDER_WAKE, name)
+    wake(client, name)
+
+
+def wake(client: redis.Redis, reason: str = "") -> None:
+    """Wake the feeder now instead of at its next tick: a slot is free, a job came or changed, a
+    worker joined or left. `client` may be the caller's pipeline."""
+    client.rpush(keys.FEEDER_WAKE, reason or "wake")
 
 
 #: kombu's Redis transport: hash of delivered, unacknowledged messages.
@@ -157,6 +165,14 @@ def _chunk_of(raw: bytes | str) -> str | None:
         if envelope.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         _args, kwargs, _embed = json.loads(body)
-        return keys.assignment(str(kwargs["job"]), int(kwargs["chunk"]))
     except (ValueError, KeyError, TypeError):
         return None  # not a render message of ours; the worker refuses it
+    return assignment_of(kwargs)
+
+
+def assignment_of(kwargs: object) -> str | None:
+    """`<job>/<chunk>` of a render message's keyword arguments, or None if they are not one."""
+    try:
+        return keys.assignment(str(kwargs["job"]), int(kwargs["chunk"]))  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -8,17 +8,6 @@ from farm import infotext, png
 from farm.errors import SpecError
 from farm.spec import BUILTIN_MODELS
 
-# infotext key -> (spec field, converter)
-_FIELDS = {
-    "Steps": ("steps", int),
-    "Sampler": ("sampler", str),
-    "Schedule type": ("schedule_type", str),
-    "CFG scale": ("cfg_scale", float),
-    "Clip skip": ("clip_skip", int),
-    "Variation seed": ("variation_seed", int),
-    "Variation seed strength": ("variation_strength", float),
-}
-
 
 def spec_from_image(data: bytes, model: str | None = None) -> dict[str, Any]:
     """A txt2img spec (as a dict, to be validated) that reproduces the image."""
@@ -38,7 +27,7 @@ def spec_from_image(data: bytes, model: str | None = None) -> dict[str, Any]:
             "height": int(params["Size-2"]),
             "batch_size": 1,
         }
-        for key, (field, convert) in _FIELDS.items():
+        for key, (field, convert) in infotext.READ_BACK.items():
             if key in params:
                 spec[field] = convert(params[key])
         if "Seed resize from-1" in params:

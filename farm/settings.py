@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
+from farm.errors import SettingMissing
+
 
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -113,6 +115,16 @@ class Settings:
         if self.s3_endpoint_url:
             env["AWS_ENDPOINT_URL"] = self.s3_endpoint_url
         return env
+
+    def require_broker(self) -> str:
+        if not self.broker_url:
+            raise SettingMissing("no broker: set FARM_BROKER_URL (redis://host:6379/0) or pass --broker")
+        return self.broker_url
+
+    def require_store(self) -> str:
+        if not self.store:
+            raise SettingMissing("no store: set FARM_STORE (s3://bucket/prefix or a folder) or pass --store")
+        return self.store
 
     @property
     def lease_renew_interval(self) -> float:

@@ -12,9 +12,10 @@ import json
 import random
 import re
 import tomllib
+from enum import IntEnum
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import (
     AfterValidator,
@@ -33,7 +34,9 @@ from farm import checkpoints, samplers
 from farm.errors import ModelError, SpecError
 
 #: shapes-sd draws what it is asked for (in a world of coloured shapes); the tiny ones draw noise, fast.
-BUILTIN_MODELS = ("shapes-sd", "tiny-sd", "tiny-sd-inpaint")
+SHAPES_SD, TINY_SD, TINY_SD_INPAINT = "shapes-sd", "tiny-sd", "tiny-sd-inpaint"
+BUILTIN_MODELS = (SHAPES_SD, TINY_SD, TINY_SD_INPAINT)
+INPAINTING_BUILTINS = (TINY_SD_INPAINT,)
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 MAX_PROMPT_CHARS = 10_000
 MAX_ITEMS = 10_000_000
@@ -46,11 +49,27 @@ STORE_PREFIX = "store:"
 #: Axes a [grid] may sweep. Seeds, prompts and a list of init images are axes of their own.
 GRID_AXES = ("model", "vae", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule_type", "width", "height",
              "denoising_strength", "mask_blur", "masked_content", "clip_skip", "variation_seed", "variation_strength")
-IMAGE_MODES = ("img2img", "inpaint")
-#: The webui's resize modes, by index.
-RESIZE_MODES = ("just resize", "crop and resize", "resize and fill", "latent upscale")
-LATENT_UPSCALE = 3
-MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+
+
+class ResizeMode(IntEnum):
+    """The webui's resize modes, by index: a spec gives the index or the name."""
+
+    JUST_RESIZE = 0
+    CROP_AND_RESIZE = 1
+    RESIZE_AND_FILL = 2
+    LATENT_UPSCALE = 3
+
+    @property
+    def spec_name(self) -> str:
+        """"just resize", "crop and resize", "resize and fill", "latent upscale"."""
+        return self.name.lower().replace("_", " ")
+
+    @property
+    def label(self) -> str:
+        """The webui's name for it, as its infotext writes it."""
+        return "Just resize (latent upscale)" if self is ResizeMode.LATENT_UPSCALE else self.spec_name.capitalize()
+
+
 #: Fields that mean something only with an init image, and those only for inpaint.
 _IMAGE_FIELDS = ("init_image", "denoising_strength", "fix_steps", "resize_mode")
 _INPAINT_FIELDS = ("mask", "mask_blur", "masked_content", "inpaint_area", "padding", "invert_mask")
@@ -129,13 +148,12 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
 def _resize_mode(value: int | str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"must be 0-3 or one of {', '.join(RESIZE_MODES)}, got {value!r}")
-    if isinstance(value, int) and 0 <= value < len(RESIZE_MODES):
+    names = {mode.spec_name: int(mode) for mode in ResizeMode}
+    if isinstance(value, int) and not isinstance(value, bool) and value in ResizeMode._value2member_map_:
         return value
-    if isinstance(value, str) and value.lower() in RESIZE_MODES:
-        return RESIZE_MODES.index(value.lower())
-    raise ValueError(f"must be 0-3 or one of {', '.join(RESIZE_MODES)}, got {value!r}")
+    if isinstance(value, str) and value.lower() in names:
+        return names[value.lower()]
+    raise ValueError(f"must be 0-3 or one of {', '.join(names)}, got {value!r}")
 
 
 def _nonempty_text(value: str, what: str) -> str:
@@ -157,7 +175,7 @@ Steps = Annotated[int, _range(1, 150)]
 Strength = Annotated[float, _range(0, 1)]
 MaskBlur = Annotated[int, _range(0, 64)]
 ClipSkip = Annotated[int, _range(1, 12)]
-ResizeMode = Annotated[Union[int, str], AfterValidator(_resize_mode)]
+ResizeModeValue = Annotated[Union[int, str], AfterValidator(_resize_mode)]
 MaskedContent = Literal["fill", "original", "latent noise", "latent nothing"]
 ImageRef = Annotated[str, AfterValidator(lambda v: _nonempty_text(v, "a path or a store: key"))]
 CfgScale = Annotated[float, _range(1, 30)]
@@ -178,7 +196,7 @@ class SeedRange(BaseModel):
 
 
 #: The webui's hires upscalers that farm runs: latent-space interpolation, or pixels resized.
-HIRES_UPSCALERS = ("Latent", "Latent (nearest)", "Lanczos", "Nearest")
+HiresUpscaler = Literal["Latent", "Latent (nearest)", "Lanczos", "Nearest"]
 
 
 class Hires(BaseModel):
@@ -186,7 +204,7 @@ class Hires(BaseModel):
 
     model_config = _STRICT
     scale: Annotated[float, _range(1, 4)] = 2.0
-    upscaler: Literal["Latent", "Latent (nearest)", "Lanczos", "Nearest"] = "Latent"
+    upscaler: HiresUpscaler = "Latent"
     #: Steps of the second pass; 0 means as many as the first.
     steps: Annotated[int, _range(0, 150)] = 0
     denoising_strength: Annotated[float, _range(0, 1)] = 0.7
@@ -250,7 +268,7 @@ class JobSpec(BaseModel):
     denoising_strength: Strength = 0.75
     #: Take exactly `steps` denoising steps, as the webui's "img2img_fix_steps" option does.
     fix_steps: bool = False
-    resize_mode: ResizeMode = 0
+    resize_mode: ResizeModeValue = 0
     # inpaint.
     mask: ImageRef | None = None
     mask_blur: MaskBlur = 4
@@ -351,9 +369,6 @@ def _sampler_problems(spec: JobSpec):
                     yield field, str(e)
 
 
-INPAINTING_BUILTINS = ("tiny-sd-inpaint",)
-
-
 def _is_inpainting_model(model: str) -> bool:
     """A 9-channel UNet, read from a folder's unet/config.json or a file's header, loading nothing."""
     if model in INPAINTING_BUILTINS:
@@ -394,7 +409,7 @@ def _mode_problems(spec: JobSpec):
                 yield name, 'only for mode = "inpaint"'
     if spec.mode == "inpaint" and spec.mask is None:
         yield "mask", 'required for mode = "inpaint"'
-    if spec.mode == "inpaint" and spec.resize_mode == LATENT_UPSCALE:
+    if spec.mode == "inpaint" and spec.resize_mode == ResizeMode.LATENT_UPSCALE:
         yield "resize_mode", 'latent upscale is supported for mode = "img2img" only so far'
     if spec.hires:
         for w, h in itertools.product(spec.grid.get("width", [spec.width]), spec.grid.get("height", [spec.height])):
@@ -405,26 +420,12 @@ def _mode_problems(spec: JobSpec):
 
 @cache
 def _field_adapter(name: str) -> TypeAdapter:
-    return TypeAdapter(JobSpec.model_fields[name].annotation if name not in _ANNOTATED else _ANNOTATED[name])
-
-
-_ANNOTATED = {
-    "vae": ModelRef,
-    "denoising_strength": Strength,
-    "mask_blur": MaskBlur,
-    "masked_content": MaskedContent,
-    "clip_skip": ClipSkip,
-    "variation_seed": Seed,
-    "variation_strength": Strength,
-    "model": ModelRef,
-    "negative_prompt": Prompt,
-    "steps": Steps,
-    "cfg_scale": CfgScale,
-    "sampler": SamplerName,
-    "schedule_type": ScheduleName,
-    "width": Side,
-    "height": Side,
-}
+    """A grid axis' values are checked as the field itself: its type and validators, without None."""
+    field = JobSpec.model_fields[name]
+    annotation = field.annotation
+    if type(None) in get_args(annotation):
+        annotation = Union[tuple(a for a in get_args(annotation) if a is not type(None))]
+    return TypeAdapter(Annotated[(annotation, *field.metadata)] if field.metadata else annotation)
 
 
 def _problems(error: ValidationError) -> list[tuple[str, str]]:

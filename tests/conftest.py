@@ -14,13 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
 import pytest
 import redis
 
+from farm import keys
 from farm.embedded import RedisServer, free_port, wait_until
 from farm.settings import Settings
 from workers.supervisor import Slot, worker_command
@@ -130,10 +130,10 @@ def bucket(s3_server, s3_env) -> str:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """Built-in models built once per session, so workers start in the same time every test."""
-    from workers.tiny import BUILTIN_MODELS, builtin_model_dir
+    from workers.tiny import TINY_MODELS, builtin_model_dir
 
     path = tmp_path_factory.mktemp("farm-cache")
-    for name in BUILTIN_MODELS:
+    for name in TINY_MODELS:
         builtin_model_dir(name, path)
     return path
 
@@ -154,12 +154,12 @@ class WorkerProcs:
         self.dispatcher = subprocess.Popen([sys.executable, "-m", "farm.cli", "dispatcher"], env=self.env, cwd=ROOT,
                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         client = redis.Redis.from_url(self.settings.broker_url)
-        wait_until(lambda: client.exists("farm:dispatcher"), 60, "the dispatcher to start", 0.1)
+        wait_until(lambda: client.exists(keys.DISPATCHER), 60, "the dispatcher to start", 0.1)
 
     def kill_dispatcher(self, sig=signal.SIGKILL) -> None:
         os.killpg(self.dispatcher.pid, sig)
         self.dispatcher.wait(timeout=30)
-        redis.Redis.from_url(self.settings.broker_url).delete("farm:dispatcher")
+        redis.Redis.from_url(self.settings.broker_url).delete(keys.DISPATCHER)
 
     def start(self, count: int = 1, timeout: float = 120, dispatcher: bool = True) -> list[str]:
         if dispatcher and (self.dispatcher is None or self.dispatcher.poll() is not None):
@@ -173,7 +173,7 @@ class WorkerProcs:
                                                 start_new_session=True)
             names.append(name)
         client = redis.Redis.from_url(self.settings.broker_url)
-        wait_until(lambda: all(client.hexists("farm:workers", n) for n in names), timeout, "workers to be ready", 0.1)
+        wait_until(lambda: all(client.hexists(keys.WORKERS, n) for n in names), timeout, "workers to be ready", 0.1)
         return names
 
     def kill(self, name: str, sig=signal.SIGKILL) -> None:
@@ -196,9 +196,6 @@ class WorkerProcs:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-4000:] for p in self.log_dir.glob("*.log"))
 
 
 @pytest.fixture
@@ -234,7 +231,3 @@ def wait_job(board, job_id: str, timeout: float = 240):
     from dispatcher.follow import follow
 
     return follow(board, job_id, timeout=timeout)
-
-
-def elapsed(start: float) -> float:
-    return time.monotonic() - start

@@ -13,6 +13,7 @@ import pytest
 import redis
 from PIL import Image
 
+from farm import keys
 from farm.embedded import wait_until
 from tests.conftest import ROOT, run_farm
 from workers.shapes import analysis
@@ -80,13 +81,13 @@ def test_worker_starts_one_process_per_listed_gpu_and_stops_on_sigterm(redis_url
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     client = redis.Redis.from_url(redis_url)
     try:
-        wait_until(lambda: client.hlen("farm:workers") == 2, 120, "two workers", 0.1)
-        assert sorted(k.decode() for k in client.hkeys("farm:workers")) == ["farm-gpu0@gpuhost", "farm-gpu1@gpuhost"]
+        wait_until(lambda: client.hlen(keys.WORKERS) == 2, 120, "two workers", 0.1)
+        assert sorted(k.decode() for k in client.hkeys(keys.WORKERS)) == ["farm-gpu0@gpuhost", "farm-gpu1@gpuhost"]
         assert _visible_devices("farm-gpu0@gpuhost") == "0"
         assert _visible_devices("farm-gpu1@gpuhost") == "1"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        assert client.hlen("farm:workers") == 0
+        assert client.hlen(keys.WORKERS) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -140,11 +141,11 @@ def test_supervisor_restarts_a_worker_that_dies(redis_url, cache_dir):
     client = redis.Redis.from_url(redis_url)
     name = "farm-cpu@restarts"
     try:
-        wait_until(lambda: client.hexists("farm:workers", name), 120, "the worker", 0.1)
-        first = json.loads(client.hget("farm:workers", name))["since"]
+        wait_until(lambda: client.hexists(keys.WORKERS, name), 120, "the worker", 0.1)
+        first = json.loads(client.hget(keys.WORKERS, name))["since"]
         pid = wait_until(lambda: _worker_pid(name), 30, "the worker's pid")
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: json.loads(client.hget("farm:workers", name))["since"] != first, 120,
+        wait_until(lambda: json.loads(client.hget(keys.WORKERS, name))["since"] != first, 120,
                    "the supervisor to start it again", 0.2)
         assert _worker_pid(name) not in (None, pid)
         proc.send_signal(signal.SIGTERM)

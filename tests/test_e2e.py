@@ -9,9 +9,9 @@ import json
 import pytest
 from PIL import Image
 
-from farm import infotext, png
-from farm.progress import JobBoard
-from tests.conftest import S3_SECRET_KEY, run_farm
+from farm import infotext, keys, png
+from farm.jobs import JobBoard
+from tests.conftest import run_farm
 from tests.test_spec import BAD
 
 pytestmark = pytest.mark.e2e
@@ -100,9 +100,9 @@ def test_item_already_stored_is_skipped_not_rendered_again(farm_settings, worker
     [worker] = workers_factory(farm_settings).start(1)
     spec_path = tmp_path / "one.toml"
     spec_path.write_text('prompts = ["x"]\nseeds = [7, 8]\nsteps = 4\nwidth = 64\nheight = 64\n')
-    from dispatcher.feeder import chunk_message
     from farm import keys
     from farm.celery_app import make_celery
+    from farm.message import RenderMessage
     from farm.plan import Plan
     from farm.spec import load_spec
 
@@ -112,15 +112,15 @@ def test_item_already_stored_is_skipped_not_rendered_again(farm_settings, worker
     # Deliver the same chunk again, as a redelivery would while the job still runs (a worker
     # died after storing, before its ack). A finished job's chunks are dropped unopened.
     board = JobBoard.from_url(farm_settings.broker_url)
-    board.redis.hset(f"farm:job:{job}", "state", "running")
+    board.redis.hset(keys.job_hash(job), "state", "running")
     plan = Plan(load_spec(spec_path), job)
-    make_celery(farm_settings).send_task(keys.RENDER_TASK, kwargs=chunk_message(plan.chunk(0), f"s3://{bucket}/renders"),
+    make_celery(farm_settings).send_task(keys.RENDER_TASK, kwargs=RenderMessage(plan.chunk(0), f"s3://{bucket}/renders").to_kwargs(),
                                          queue=keys.worker_queue(farm_settings.queue, worker))
     from farm.embedded import wait_until
     wait_until(lambda: board.deliveries(job).get(0) == 2 and not board.status(job).running, 60, "the redelivery")
     assert s3_server.client().head_object(Bucket=bucket, Key=key)["LastModified"] == before
     assert len(_objects(s3_server, bucket, f"renders/{job}/images/")) == 2
-    assert chunk_message(plan.chunk(0), "s")["items"][0]["seed"] == 7
+    assert RenderMessage(plan.chunk(0), "s").to_kwargs()["items"][0]["seed"] == 7
 
 
 @pytest.mark.parametrize("expected, data", BAD, ids=[e.split(":")[0] + "-" + str(i) for i, (e, _) in enumerate(BAD)])
@@ -138,5 +138,5 @@ def test_bad_spec_is_refused_before_anything_is_queued(farm_settings, s3_env, tm
     assert result.exit_code == 2
     assert expected in " ".join(result.output.split())
     assert redis_client.llen(farm_settings.queue) == 0
-    assert redis_client.keys("farm:job*") == []
+    assert redis_client.keys(keys.job_hash("") + "*") == [] and not redis_client.exists(keys.JOBS_INDEX)
     assert _objects(s3_server, bucket, "") == {}

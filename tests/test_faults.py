@@ -18,7 +18,7 @@ import pytest
 from dispatcher.submit import submit
 from farm import keys
 from farm.embedded import RedisServer, wait_until
-from farm.progress import JobBoard, JobState
+from farm.jobs import JobBoard, JobState
 from farm.spec import parse_spec
 from tests.conftest import S3_SECRET_KEY, run_farm, wait_job
 from tests.netfault import TcpProxy

@@ -17,7 +17,7 @@ from dispatcher.feeder import Feeder, load_plan, unsettled
 from dispatcher.submit import submit
 from farm import keys, pool
 from farm.celery_app import make_celery
-from farm.progress import JobBoard, JobState
+from farm.jobs import JobBoard, JobState
 from farm.settings import Settings
 from farm.spec import parse_spec
 from farm.store import open_store
@@ -67,7 +67,7 @@ def render_one(client, settings, name, hold: list | None = None) -> tuple[str, i
         pool.publish(client, name, models=hold, loads=json.loads(client.hget(keys.worker_live(name), "loads") or "0") + 1)
     board = JobBoard(client)
     if board.mark_done(job_id, list(plan.chunk_range(number))):
-        board.finish(job_id)
+        board.close(job_id)
     pool.finished_chunk(client, name, job_id, number)
     return job_id, number
 

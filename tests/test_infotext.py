@@ -40,3 +40,17 @@ def test_round_trip_through_the_webui_pattern():
 def test_prompt_alone_is_not_mistaken_for_parameters():
     parsed = infotext.parse("just a prompt, with: one colon")
     assert parsed["Prompt"] == "just a prompt, with: one colon"
+
+
+def test_every_key_read_back_gives_the_value_the_item_wrote():
+    from farm.plan import Item
+
+    item = Item(index=0, prompt="a red circle", negative_prompt="blurry", seed=123, model="tiny-sd", mode="txt2img",
+                sampler="DPM++ 2M", schedule_type="Karras", steps=17, cfg_scale=6.5, width=64, height=96,
+                clip_skip=2, variation_seed=9, variation_strength=0.25)
+    parsed = infotext.parse(infotext.for_item(item, model_name="tiny-sd", model_hash="0123456789", version="v"))
+    assert set(infotext.READ_BACK) == {"Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip",
+                                       "Variation seed", "Variation seed strength"}
+    for key, (field, read) in infotext.READ_BACK.items():
+        assert read(parsed[key]) == getattr(item, field), key
+    assert (parsed["Seed"], parsed["Size-1"], parsed["Size-2"]) == ("123", "64", "96")

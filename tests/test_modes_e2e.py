@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from dispatcher.submit import submit
 from farm import infotext, png
-from farm.progress import JobBoard, JobState
+from farm.jobs import JobBoard, JobState
 from farm.spec import load_spec, parse_spec
 from tests.conftest import run_farm, wait_job
 

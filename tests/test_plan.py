@@ -74,3 +74,21 @@ def test_model_groups_partition_the_chunks_by_model_in_plan_order():
             seen += numbers
         assert sorted(seen) == list(range(plan.chunk_count))
         assert all(list(plan.chunk_range(n)) == [i.index for i in plan.chunk(n).items] for n in seen)
+
+
+def test_a_render_message_survives_json_with_its_hires_pass_and_charge():
+    import json
+
+    import pytest
+
+    from farm.fairshare import Charge
+    from farm.message import BadMessage, RenderMessage
+
+    plan = Plan(spec(hires={"scale": 1.5, "upscaler": "Lanczos", "steps": 3}), "job-1")
+    message = RenderMessage(plan.chunk(1), "s3://b/p", Charge("batch", "ann", 2.5))
+    back = RenderMessage.from_kwargs(json.loads(json.dumps(message.to_kwargs())))
+    assert back == message
+    assert back.chunk.items[0].hires.upscaler == "Lanczos" and back.chunk.items[0].hires.latent is False
+    assert RenderMessage.from_kwargs(RenderMessage(plan.chunk(0), "s").to_kwargs()).charge is None
+    with pytest.raises(BadMessage, match="not a render message"):
+        RenderMessage.from_kwargs({"job": "../etc", "chunk": 0, "items": [], "store": "s"})

@@ -13,7 +13,7 @@ import pytest
 
 from dispatcher.submit import submit
 from farm.embedded import wait_until
-from farm.progress import JobBoard, JobState
+from farm.jobs import JobBoard, JobState
 from farm.spec import parse_spec
 from tests.conftest import run_farm, wait_job
 

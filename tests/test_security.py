@@ -15,7 +15,7 @@ from dispatcher.submit import submit
 from farm import keys
 from farm.celery_app import make_celery
 from farm.embedded import RedisServer, wait_until
-from farm.progress import JobBoard, JobState
+from farm.jobs import JobBoard, JobState
 from farm.spec import parse_spec
 from tests.conftest import S3_SECRET_KEY, run_farm, wait_job
 

@@ -11,11 +11,10 @@ from PIL import Image, ImageDraw
 from farm import infotext, samplers
 from farm.denoise import img2img_steps
 from farm.errors import ModelError
-from farm.plan import Item
+from farm.plan import HiresPass, Item
 from workers import images, noise, render
 from workers.models import ModelCache
 from workers.schedulers import make_scheduler
-from workers.tasks import parameters_text
 from workers.tiny import SCHEDULER_CONFIG
 
 W = H = 64
@@ -329,7 +328,7 @@ def test_dpm_sde_is_seeded_per_image_because_it_ignores_the_generators(models):
       "Mask mode": "Inpaint not masked", "Denoising strength": "0.6"}),
 ])
 def test_infotext_round_trip_for_every_mode(it, expected):
-    text = parameters_text(it, "tiny-sd", "0123456789")
+    text = infotext.for_item(it, model_name="tiny-sd", model_hash="0123456789", version="farm test")
     parsed = infotext.parse(text)
     assert parsed["Prompt"] == it.prompt and parsed["Negative prompt"] == it.negative_prompt
     assert (parsed["Seed"], parsed["Steps"], parsed["Size-1"], parsed["Model hash"]) == (
@@ -390,7 +389,7 @@ def test_hires_fix_renders_at_the_scaled_size_running_the_second_pass_steps(mode
     calls = []
     handle = model.pipe.unet.register_forward_pre_hook(lambda _m, args: calls.append(tuple(args[0].shape[-2:])))
     try:
-        out = render.render(model, [item(0, steps=5, hires=(upscaler, 1.5, 3, 0.6))], None)[0]
+        out = render.render(model, [item(0, steps=5, hires=HiresPass(upscaler, 1.5, 3, 0.6))], None)[0]
     finally:
         handle.remove()
     assert out.size == (96, 96)
@@ -414,7 +413,9 @@ def test_vae_override_changes_the_decoder_and_is_recorded(models, tmp_path):
     without = render.render(model, [item(0)], None)[0]
     assert with_override.tobytes() != without.tobytes()
     assert render.render(model, [item(0)], None)[0].tobytes() == without.tobytes()  # the model's own VAE is back
-    params = infotext.parse(parameters_text(item(0, vae=str(tmp_path / "my-vae")), "tiny-sd", "0123456789", vae))
+    params = infotext.parse(infotext.for_item(item(0, vae=str(tmp_path / "my-vae")), model_name="tiny-sd",
+                                              model_hash="0123456789", vae_name=vae.name, vae_hash=vae.hash,
+                                              version="farm test"))
     assert params["VAE"] == "my-vae" and len(params["VAE hash"]) == 10
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dispatcher.submit import submit
-from farm.progress import JobBoard, JobState
+from farm.jobs import JobBoard, JobState
 from farm.spec import parse_spec
 from tests.conftest import wait_job
 from workers import shapes
@@ -69,7 +69,7 @@ def test_hires_and_latent_upscale_work_at_the_models_latent_scale(tmp_path):
     """shapes-sd's VAE downscales by 4, not SD's 8: every path that sizes latents asks the VAE."""
     import torch
 
-    from farm.plan import Item
+    from farm.plan import HiresPass, Item
     from workers import render
     from workers.models import ModelCache
 
@@ -77,7 +77,7 @@ def test_hires_and_latent_upscale_work_at_the_models_latent_scale(tmp_path):
     assert model.pipe.vae_scale_factor == 4
     base = dict(index=0, prompt="a red circle", negative_prompt="", seed=1, model=shapes.NAME, sampler="Euler",
                 schedule_type="Automatic", steps=4, cfg_scale=7.0, width=64, height=64)
-    hires = render.render(model, [Item(mode="txt2img", hires=("Latent", 1.5, 2, 0.5), **base)], None)
+    hires = render.render(model, [Item(mode="txt2img", hires=HiresPass("Latent", 1.5, 2, 0.5), **base)], None)
     assert hires[0].size == (96, 96)
     init = world.Scene((world.Shape("square", "red", 10, 10, 30),), "white").draw()
     upscaled = render.render(model, [Item(mode="img2img", **{**base, "width": 96}, init_image="store:i",

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from farm import checkpoints
 from farm.errors import ModelError, SpecError
-from farm.plan import Item
+from farm.plan import HiresPass, Item
 from farm.spec import parse_spec
 from tests.ldm import build_tiny_xl_pipeline, save_sd1_checkpoint, save_sdxl_checkpoint
 from workers import render
@@ -168,7 +168,7 @@ def test_sdxl_checkpoint_runs_img2img_hires_and_clip_skip(tiny_checkpoints, tmp_
     base = dict(prompt="a red circle", negative_prompt="", seed=5, model="m", sampler="Euler", schedule_type="Automatic",
                 steps=4, cfg_scale=7.0, width=64, height=64)
     img2img = render.render(model, [Item(0, mode="img2img", init_image="store:i", denoising_strength=0.5, **base)], fetch)
-    hires = render.render(model, [Item(0, mode="txt2img", hires=("Latent", 1.5, 2, 0.5), **base)], fetch)
+    hires = render.render(model, [Item(0, mode="txt2img", hires=HiresPass("Latent", 1.5, 2, 0.5), **base)], fetch)
     plain = render.render(model, [Item(0, mode="txt2img", **base)], fetch)[0]
     skipped = render.render(model, [Item(0, mode="txt2img", clip_skip=2, **base)], fetch)[0]
     assert img2img[0].size == (64, 64) and hires[0].size == (96, 96)

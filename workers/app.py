@@ -9,11 +9,12 @@ import logging
 import os
 import socket
 
-import redis
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from farm import keys, pool
 from farm.celery_app import make_celery
+from farm.connections import connect
+from farm.errors import BrokerAccessDenied, BrokerUnavailable
 from farm.settings import Settings
 from workers import runtime
 from workers.lease import LeaseKeeper
@@ -35,12 +36,12 @@ _lease: LeaseKeeper | None = None
 @worker_ready.connect
 def _announce(sender=None, **_) -> None:
     global _lease
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5)
+    client = connect(settings)
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or "none"
     entry = pool.register(client, sender.hostname, keys.worker_queue(settings.queue, sender.hostname),
                           socket.gethostname(), gpu)
     _lease = LeaseKeeper(client, settings.lease_renew_interval, sender.hostname, entry).start()
-    client.rpush(keys.FEEDER_WAKE, sender.hostname)
+    pool.wake(client, sender.hostname)
 
 
 @worker_shutdown.connect
@@ -49,9 +50,9 @@ def _retire(sender=None, **_) -> None:
     if _lease:
         _lease.stop()
     try:
-        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2)
+        client = connect(settings, connect_timeout=2)
         pool.release(client, sender.hostname, keys.worker_queue(settings.queue, sender.hostname))
-    except redis.RedisError as e:
+    except (BrokerUnavailable, BrokerAccessDenied) as e:
         log.warning("could not hand back this worker's chunks: %s", e)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from farm.errors import PermanentError
+from farm.spec import ResizeMode
 
 
 class BadImage(PermanentError):
@@ -39,11 +40,11 @@ def _resize(image: Image.Image, w: int, h: int) -> Image.Image:
 
 
 def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Image.Image:
-    """0 just resize (stretch), 1 crop and resize (cover), 2 resize and fill (fit, edges stretched)."""
-    if mode == 0:
+    """Just resize (stretch), crop and resize (cover), resize and fill (fit, edges stretched)."""
+    if mode == ResizeMode.JUST_RESIZE:
         return _resize(image, width, height)
     ratio, src_ratio = width / height, image.width / image.height
-    if mode == 1:
+    if mode == ResizeMode.CROP_AND_RESIZE:
         src_w = width if ratio > src_ratio else image.width * height // image.height
         src_h = height if ratio <= src_ratio else image.height * width // image.width
     else:
@@ -52,7 +53,7 @@ def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Imag
     resized = _resize(image, src_w, src_h)
     out = Image.new("RGB", (width, height))
     out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
-    if mode == 2:
+    if mode == ResizeMode.RESIZE_AND_FILL:
         if ratio < src_ratio:
             fill = height // 2 - src_h // 2
             if fill > 0:

@@ -18,7 +18,8 @@ import time
 import redis
 from celery.worker import state
 
-from farm import keys, pool
+from farm import pool
+from farm.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,8 @@ def held_delivery_tags() -> list[str]:
 
 def held_chunks() -> list[str]:
     """`<job>/<chunk>` of every chunk this worker has taken from its queue and not finished."""
-    held = set()
-    for request in _held_requests():
-        kwargs = getattr(request, "kwargs", None) or {}
-        if isinstance(kwargs, dict) and "job" in kwargs and "chunk" in kwargs:
-            held.add(keys.assignment(str(kwargs["job"]), int(kwargs["chunk"])))
-    return sorted(held)
+    held = {pool.assignment_of(getattr(request, "kwargs", None)) for request in _held_requests()}
+    return sorted(h for h in held if h)
 
 
 class LeaseKeeper:
@@ -86,5 +83,5 @@ class LeaseKeeper:
                 if self.worker:
                     pool.heartbeat(self.client, self.worker, self.entry, held_chunks())
                 self.renew()
-            except redis.RedisError as e:
+            except (redis.RedisError, BrokerUnavailable) as e:
                 log.warning("could not renew message leases: %s", e)

@@ -191,7 +191,7 @@ class ModelCache:
             if not (shapes.MODEL_DIR / "model_index.json").is_file():
                 raise ModelError(f"model {ref}: its weights are missing from {shapes.MODEL_DIR} (a broken install?)")
             return shapes.MODEL_DIR, ref
-        if ref in tiny.BUILTIN_MODELS:
+        if ref in tiny.TINY_MODELS:
             from safetensors import SafetensorError
 
             try:

@@ -16,7 +16,7 @@ from PIL import Image
 from farm.denoise import img2img_steps
 from farm.errors import ModelError
 from farm.plan import Item
-from farm.spec import LATENT_UPSCALE, hires_size
+from farm.spec import ResizeMode, hires_size
 from workers import images, noise, prompts
 from workers.models import LoadedModel
 from workers.schedulers import make_scheduler
@@ -73,22 +73,22 @@ def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latent
     """The webui's hires fix: a first pass, an upscale, then img2img at the larger size running
     exactly the second-pass steps (the webui always "fixes" them there), from fresh seed noise."""
     first = items[0]
-    upscaler, scale, steps, strength = first.hires
-    width, height = hires_size(first.width, first.height, scale)
-    latent_space = upscaler.startswith("Latent")
+    hires = first.hires
+    width, height = hires_size(first.width, first.height, hires.scale)
     with torch.inference_mode():
         first_pass = pipe(num_inference_steps=first.steps, width=first.width, height=first.height, latents=latents,
-                          **{**common, "output_type": "latent" if latent_space else "pil"}).images
-    if latent_space:
-        mode = "nearest" if upscaler == "Latent (nearest)" else "bilinear"
+                          **{**common, "output_type": "latent" if hires.latent else "pil"}).images
+    if hires.latent:
+        mode = "nearest" if hires.upscaler == "Latent (nearest)" else "bilinear"
         scale = pipe.vae_scale_factor
         upscaled = torch.nn.functional.interpolate(first_pass, size=(height // scale, width // scale), mode=mode)
     else:
-        resample = Image.Resampling.LANCZOS if upscaler == "Lanczos" else Image.Resampling.NEAREST
+        resample = Image.Resampling.LANCZOS if hires.upscaler == "Lanczos" else Image.Resampling.NEAREST
         upscaled = [image.resize((width, height), resample=resample) for image in first_pass]
     second = _configured(model, "img2img", items, vae)
     # fix_steps needs a strength above 0; at 0 the second pass takes its one step, as img2img does.
-    plan = img2img_steps(steps or first.steps, strength, fix_steps=strength > 0)
+    strength = hires.denoising_strength
+    plan = img2img_steps(hires.steps or first.steps, strength, fix_steps=strength > 0)
     with torch.inference_mode(), _seed_noise(second, items, (width, height)):
         return second(image=upscaled, strength=plan.diffusers_strength, num_inference_steps=plan.schedule,
                       **{**common, "generator": noise.generators([item.seed for item in items])}).images
@@ -97,7 +97,7 @@ def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latent
 def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None) -> list[Image.Image]:
     pipe, first, common = _prepared(model, "img2img", items, vae, on_step)
     picture = images.flatten(fetch(first.init_image))
-    if first.resize_mode == LATENT_UPSCALE:
+    if first.resize_mode == ResizeMode.LATENT_UPSCALE:
         init = _latent_upscaled(pipe, picture, first.width, first.height, common["generator"])
     else:
         init = [images.resize_image(first.resize_mode, picture, first.width, first.height)] * len(items)
@@ -159,8 +159,8 @@ def inpaint(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, o
     if first.inpaint_area == "only masked":
         # Render the mask's bounding box (plus padding, grown to W:H) at W x H; paste it back below.
         crop = pipe.mask_processor.get_crop_region(mask, width, height, pad=first.padding)
-        work_image = images.resize_image(2, source.crop(crop), width, height)
-        work_mask = images.resize_image(2, mask.crop(crop), width, height).convert("L")
+        work_image = images.resize_image(ResizeMode.RESIZE_AND_FILL, source.crop(crop), width, height)
+        work_mask = images.resize_image(ResizeMode.RESIZE_AND_FILL, mask.crop(crop), width, height).convert("L")
     steps = img2img_steps(first.steps, first.denoising_strength, first.fix_steps)
     with torch.inference_mode(), _seed_noise(pipe, items), \
             _initial_latents(pipe, first.masked_content, [work_mask] * batch, width, height):

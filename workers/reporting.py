@@ -8,16 +8,15 @@ stops at that step.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 
 import redis
 
-from farm import keys
-from farm.errors import FarmError
+from farm import pool
+from farm.errors import BrokerUnavailable, FarmError
+from farm.jobs import JobBoard, JobState
 from farm.plan import Chunk
-from farm.progress import JobState
 
 
 class JobCancelled(FarmError):
@@ -27,8 +26,8 @@ class JobCancelled(FarmError):
 class StepReporter:
     """The `callback_on_step_end` of a chunk's pipeline calls."""
 
-    def __init__(self, client: redis.Redis, worker: str, chunk: Chunk, every: float = 0.5):
-        self.client, self.worker, self.chunk, self.every = client, worker, chunk, every
+    def __init__(self, board: JobBoard, worker: str, chunk: Chunk, every: float = 0.5):
+        self.board, self.worker, self.chunk, self.every = board, worker, chunk, every
         self.passes = 2 if chunk.items[0].hires else 1
         self.pass_index = 0
         self.last_step = -1
@@ -55,14 +54,14 @@ class StepReporter:
                    "steps": steps, "pass": self.pass_index + 1, "passes": self.passes}
         row = {"worker": self.worker, "items": chunk.batch_size, "since": self.since, "fraction": round(fraction, 3)}
         try:
-            with self.client.pipeline() as pipe:
-                pipe.hset(keys.running(chunk.job_id), chunk.number, json.dumps(row))
-                pipe.hset(keys.worker_live(self.worker), "current", json.dumps(current))
-                pipe.hget(keys.job_hash(chunk.job_id), "state")
+            with self.board.redis.pipeline() as pipe:
+                self.board.set_running(chunk.job_id, chunk.number, row, pipe)
+                pool.publish(pipe, self.worker, current=current)
+                self.board.queue_state(pipe, chunk.job_id)
                 *_, state = pipe.execute()
-        except redis.RedisError:
+        except (redis.RedisError, BrokerUnavailable):
             return  # progress is best effort; Redis being away must not fail the render
-        if state is not None and state.decode() == JobState.CANCELLED.value:
+        if JobState.decode(state) is JobState.CANCELLED:
             raise JobCancelled(f"job {chunk.job_id} was cancelled")
 
 

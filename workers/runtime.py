@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import redis
 import torch
 
-from farm.progress import JobBoard
+from farm.connections import connect
+from farm.jobs import JobBoard
 from farm.settings import Settings
 from farm.store import Store, open_store
 from workers.device import describe, dtype_for, select_device
@@ -47,7 +48,7 @@ class Runtime:
         device = select_device(settings.device)
         if settings.cpu_threads:
             torch.set_num_threads(settings.cpu_threads)
-        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, health_check_interval=30)
+        client = connect(settings)
         runtime = cls(
             settings=settings,
             device=device,

@@ -18,10 +18,11 @@ import redis
 import torch
 from PIL import Image
 
-from farm import __version__, infotext, keys, manifest, png, pool
-from farm.errors import ModelError, PermanentError, RetriableError, StoreUnavailable
+from farm import __version__, fairshare, infotext, keys, manifest, png, pool
+from farm.errors import BrokerUnavailable, ModelError, PermanentError, RetriableError, StoreUnavailable
+from farm.jobs import JobState
+from farm.message import RenderMessage
 from farm.plan import Chunk, Item
-from farm.progress import JobState
 from farm.retry import with_backoff
 from farm.spec import STORE_PREFIX
 from farm.store import KeyMissing, Store
@@ -40,12 +41,6 @@ class Output:
     record: dict
 
 
-def decode(message: dict) -> tuple[Chunk, str]:
-    items = tuple(Item.from_dict(d) for d in message["items"])
-    keys.check_job_id(message["job"])
-    return Chunk(message["job"], int(message["chunk"]), items), message["store"]
-
-
 def batch_digest(chunk: Chunk, item: Item) -> str:
     """Everything that decides an image's bytes: its parameters and the batch it is drawn in."""
     batch = [i.index for i in chunk.items]
@@ -59,42 +54,6 @@ def already_stored(store: Store, chunk: Chunk, item: Item) -> bool:
     except KeyMissing:
         return False
     return record.get("params") == batch_digest(chunk, item) and store.exists(record["key"])
-
-
-def parameters_text(item: Item, model_name: str, model_hash: str, vae=None) -> str:
-    inpaint = item.mode == "inpaint"
-    only_masked = item.inpaint_area == "only masked"
-    params = {
-        "Steps": item.steps,
-        "Sampler": item.sampler,
-        "Schedule type": item.schedule_type,
-        "CFG scale": item.cfg_scale,
-        "Seed": item.seed,
-        "Size": f"{item.width}x{item.height}",
-        "Model hash": model_hash or None,
-        "Model": model_name,
-        "VAE hash": (vae.hash or None) if vae else None,
-        "VAE": vae.name if vae else None,
-        "Variation seed": item.variation_seed if item.variation_strength else None,
-        "Variation seed strength": item.variation_strength or None,
-        "Seed resize from": "{}x{}".format(*item.resize_seed_from) if item.resize_seed_from else None,
-        "Denoising strength": item.hires[3] if item.hires else item.denoising_strength,
-        "Clip skip": item.clip_skip if item.clip_skip > 1 else None,
-        "Hires upscale": item.hires[1] if item.hires else None,
-        "Hires steps": item.hires[2] if item.hires and item.hires[2] else None,
-        "Hires upscaler": item.hires[0] if item.hires else None,
-        "Mask blur": item.mask_blur if inpaint else None,
-        "Masked content": item.masked_content,
-        "Inpaint area": "Only masked" if only_masked else None,
-        "Masked area padding": item.padding if only_masked else None,
-        "Mask mode": "Inpaint not masked" if item.invert_mask else None,
-        "Resize mode": RESIZE_MODE_NAMES[item.resize_mode] if item.mode != "txt2img" and item.resize_mode else None,
-        "Fix steps": "True" if item.fix_steps else None,
-    }
-    return infotext.build(item.prompt, item.negative_prompt, params, version=f"farm {__version__}")
-
-
-RESIZE_MODE_NAMES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
 
 
 def fetcher(runtime: Runtime, store: Store):
@@ -118,15 +77,16 @@ def fetcher(runtime: Runtime, store: Store):
 MAX_TRANSIENT_ATTEMPTS = 3
 
 
-def run_chunk(runtime: Runtime, message: dict, worker: str) -> list[Output]:
+def run_chunk(runtime: Runtime, kwargs: dict, worker: str) -> list[Output]:
     # 1. Decode, and look at the job first: a paused job gets the chunk back, a cancelled
     #    or forgotten one drops it.
-    chunk, store_url = decode(message)
+    message = RenderMessage.from_kwargs(kwargs)
+    chunk, store_url = message.chunk, message.store
     timing: tuple[float, float] | None = None
     try:
         state, delivery = runtime.board.start_chunk(chunk.job_id, chunk.number, worker, chunk.batch_size)
         if state is JobState.PAUSED:
-            runtime.redis.rpush(keys.handed_back(chunk.job_id), chunk.number)
+            runtime.board.hand_back(chunk.job_id, chunk.number)
             return []
         if state is None or not state.runnable:
             log.info("chunk %s/%d dropped: the job is %s", chunk.job_id, chunk.number,
@@ -146,7 +106,7 @@ def _run(runtime: Runtime, chunk: Chunk, store_url: str, worker: str, delivery: 
     # 2. Skip items counted done (a job rebuilt from its store counts what is there). A chunk
     #    started before may also have stored items its worker never counted, so on a second
     #    delivery the store is asked: an image and a record with the same parameters.
-    done = with_backoff(lambda: _redis(runtime.board.done_among, chunk.job_id, [it.index for it in chunk.items]),
+    done = with_backoff(lambda: runtime.board.done_among(chunk.job_id, [it.index for it in chunk.items]),
                         "reading done items")
     missing = [it for it in chunk.items if it.index not in done]
     if delivery > 1:
@@ -174,19 +134,18 @@ def _run(runtime: Runtime, chunk: Chunk, store_url: str, worker: str, delivery: 
     return outputs
 
 
-def _wrap_up(runtime: Runtime, worker: str, chunk: Chunk, message: dict, timing: tuple[float, float] | None) -> None:
+def _wrap_up(runtime: Runtime, worker: str, chunk: Chunk, message: RenderMessage,
+             timing: tuple[float, float] | None) -> None:
     """One round trip after every chunk: it no longer runs, the worker is idle, its slot is free
     (which wakes the feeder), and the fair-share charge is settled with the seconds it took."""
     with runtime.redis.pipeline(transaction=False) as pipe:
-        pipe.hdel(keys.running(chunk.job_id), chunk.number)
+        runtime.board.clear_running(chunk.job_id, chunk.number, pipe)
         if timing:
             started, finished = timing
             runtime.pace.add(started, finished, chunk.batch_size)
             seconds = finished - started
-            pipe.hset(keys.job_hash(chunk.job_id), "seconds_per_item", round(seconds / chunk.batch_size, 4))
-            if message.get("user") and message.get("lane") in keys.LANES:
-                pipe.zincrby(keys.lane_shares(message["lane"]), seconds - float(message.get("charge", 0)),
-                             message["user"])
+            runtime.board.set_pace(chunk.job_id, seconds / chunk.batch_size, pipe)
+            fairshare.settle(pipe, message.charge, seconds)
         pool.publish(pipe, worker, **reporting.idle_fields(runtime, runtime.pace))
         pool.finished_chunk(pipe, worker, chunk.job_id, chunk.number)
         pipe.execute()
@@ -202,15 +161,15 @@ def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: lis
         runtime.published_loads = runtime.models.loads
     # 4. Render the whole chunk, in as few forward passes as fit (each image in its planned batch).
     started = time.perf_counter()
-    reporter = reporting.StepReporter(runtime.redis, worker, chunk)
+    reporter = reporting.StepReporter(runtime.board, worker, chunk)
     pictures, batches = _render_batches(runtime, model, chunk.items, fetcher(runtime, store), vae, reporter)
     seconds = (time.perf_counter() - started) / len(pictures)
     # 5. Encode the images that are missing.
     wanted = {it.index for it in missing}
-    outputs = [
-        _output(chunk, pos, item, image, model, vae, seconds, worker, runtime.device_name, batches)
-        for pos, (item, image) in enumerate(zip(chunk.items, pictures)) if item.index in wanted
-    ]
+    drawn = Drawn(chunk=chunk, model=model, vae=vae, seconds=seconds, worker=worker, device=runtime.device_name,
+                  batches=batches)
+    outputs = [drawn.output(pos, item, image)
+               for pos, (item, image) in enumerate(zip(chunk.items, pictures)) if item.index in wanted]
     # 6. Upload each image, then its record: a record always points at a stored image.
     for out in outputs:
         with_backoff(lambda out=out: store.put(out.key, out.png, "image/png"), f"uploading {out.key}")
@@ -256,13 +215,13 @@ def _out_of_memory(error: Exception) -> bool:
 
 def _try_later(runtime: Runtime, store: Store, chunk: Chunk, error: Exception) -> None:
     """Hand the chunk back for another go, or fail it when it has had its tries."""
-    tries = runtime.redis.hincrby(keys.attempts(chunk.job_id), chunk.number, 1)
+    tries = runtime.board.count_attempt(chunk.job_id, chunk.number)
     if tries >= MAX_TRANSIENT_ATTEMPTS:
         _fail(runtime, store, chunk, f"gave up after {tries} tries: {_reason(error)}")
         return
     log.warning("chunk %s/%d: %s; handing it back (try %d of %d)", chunk.job_id, chunk.number, error, tries,
                 MAX_TRANSIENT_ATTEMPTS)
-    runtime.redis.rpush(keys.handed_back(chunk.job_id), chunk.number)
+    runtime.board.hand_back(chunk.job_id, chunk.number)
 
 
 def _reason(error: Exception) -> str:
@@ -273,58 +232,67 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _output(chunk, pos, item, image, model, vae, seconds, worker, device, batches) -> Output:
-    text = parameters_text(item, model.name, model.hash, vae)
-    data = png.encode(image, text)
-    key = keys.image(chunk.job_id, item.index, item.seed)
-    record = {
-        **item.to_dict(),
-        "key": key,
-        "model": model.name,
-        "model_ref": item.model,
-        "model_hash": model.hash,
-        "vae_hash": vae.hash if vae else None,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "worker": worker,
-        "device": device,
-        "seconds": round(seconds, 4),
-        "batch": chunk.number,
-        "batch_size": chunk.batch_size,
-        "batch_position": pos,
-        # The forward pass it was drawn in: the chunk, or a part of it on a worker short of memory.
-        "rendered_with": next(b for b in batches if item.index in b),
-        "params": batch_digest(chunk, item),
-    }
-    return Output(item, key, data, record)
+@dataclass(frozen=True)
+class Drawn:
+    """What a chunk's pictures were drawn with: the same for every image of it."""
+
+    chunk: Chunk
+    model: object  # workers.models.LoadedModel
+    vae: object | None  # workers.models.LoadedVae
+    #: Seconds of rendering per image, over the whole chunk.
+    seconds: float
+    worker: str
+    device: str
+    #: The forward passes, as item indexes: the chunk, or parts of it on a worker short of memory.
+    batches: list[list[int]]
+
+    def output(self, pos: int, item: Item, image: Image.Image) -> Output:
+        model, vae, chunk = self.model, self.vae, self.chunk
+        text = infotext.for_item(item, model_name=model.name, model_hash=model.hash,
+                                 vae_name=vae.name if vae else None, vae_hash=vae.hash if vae else None,
+                                 version=f"farm {__version__}")
+        data = png.encode(image, text)
+        key = keys.image(chunk.job_id, item.index, item.seed)
+        record = {
+            **item.to_dict(),
+            "key": key,
+            "model": model.name,
+            "model_ref": item.model,
+            "model_hash": model.hash,
+            "vae_hash": vae.hash if vae else None,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "worker": self.worker,
+            "device": self.device,
+            "seconds": round(self.seconds, 4),
+            "batch": chunk.number,
+            "batch_size": chunk.batch_size,
+            "batch_position": pos,
+            "rendered_with": next(b for b in self.batches if item.index in b),
+            "params": batch_digest(chunk, item),
+        }
+        return Output(item, key, data, record)
 
 
 def _report(runtime: Runtime, store: Store, job_id: str, indexes: list[int]) -> None:
-    completed = with_backoff(lambda: _redis(runtime.board.mark_done, job_id, indexes), "reporting progress")
+    completed = with_backoff(lambda: runtime.board.mark_done(job_id, indexes), "reporting progress")
     if completed:
         _complete(runtime, store, job_id)
 
 
 def _fail(runtime: Runtime, store: Store, chunk: Chunk, reason: str) -> None:
     reasons = {it.index: reason for it in chunk.items}
-    if with_backoff(lambda: _redis(runtime.board.mark_failed, chunk.job_id, reasons), "reporting failure"):
+    if with_backoff(lambda: runtime.board.mark_failed(chunk.job_id, reasons), "reporting failure"):
         _complete(runtime, store, chunk.job_id)
 
 
 def _complete(runtime: Runtime, store: Store, job_id: str) -> None:
     with_backoff(lambda: manifest.assemble(store, job_id), "writing the manifest")
-    state = with_backoff(lambda: _redis(runtime.board.finish, job_id), "finishing the job")
+    state = with_backoff(lambda: runtime.board.close(job_id), "finishing the job")
     log.info("job %s finished: %s", job_id, state.value)
-
-
-def _redis(fn, *args):
-    try:
-        return fn(*args)
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise RetriableError(f"Redis did not answer: {e}") from e
 
 
 def _quietly(fn, *args) -> None:
     try:
         fn(*args)
-    except (redis.RedisError, StoreUnavailable) as e:
+    except (redis.RedisError, BrokerUnavailable, StoreUnavailable) as e:
         log.warning("%s failed: %s", getattr(fn, "__name__", fn), e)

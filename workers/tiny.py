@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-TINY_SD = "tiny-sd"
-TINY_SD_INPAINT = "tiny-sd-inpaint"
-BUILTIN_MODELS = (TINY_SD, TINY_SD_INPAINT)
+from farm.spec import TINY_SD, TINY_SD_INPAINT
+
+#: The built-in models this module builds (farm.spec.BUILTIN_MODELS lists them all).
+TINY_MODELS = (TINY_SD, TINY_SD_INPAINT)
 
 # Bumped whenever the configs below change, so a stale cached build is not reused.
 _BUILD_VERSION = "1"

@@ -8,6 +8,8 @@ image analysis, `train` reproduces the weights, `quality` measures them.
 
 from pathlib import Path
 
-NAME = "shapes-sd"
+from farm.spec import SHAPES_SD
+
+NAME = SHAPES_SD
 #: The trained weights, a diffusers folder inside the package (fp16 safetensors).
 MODEL_DIR = Path(__file__).parent / "model"

@@ -1,4 +1,5 @@
-from farm.progress import JobBoard, JobState
+from farm import keys
+from farm.jobs import JobBoard, JobState
 
 
 def test_counts_are_exact_under_redelivery_and_completion_fires_once(redis_client):
@@ -17,7 +18,7 @@ def test_counts_are_exact_under_redelivery_and_completion_fires_once(redis_clien
     assert board.done_among("job-a", [2, 5, 6]) == {2}
     assert board.mark_done("job-a", [5]) is True
     assert board.mark_done("job-a", [5]) is False
-    assert board.finish("job-a") is JobState.DONE
+    assert board.close("job-a") is JobState.DONE
 
 
 def test_failures_are_listed_with_reasons_and_end_the_job(redis_client):
@@ -25,7 +26,7 @@ def test_failures_are_listed_with_reasons_and_end_the_job(redis_client):
     board.create("job-b", total=2, chunks=1, store_url="/tmp/x", user="ann")
     board.mark_done("job-b", [0])
     assert board.mark_failed("job-b", {1: "model 'x' not found"}) is True
-    assert board.finish("job-b") is JobState.DONE_WITH_FAILURES
+    assert board.close("job-b") is JobState.DONE_WITH_FAILURES
     status = board.status("job-b")
     assert status.failures == {1: "model 'x' not found"} and status.queued == 0
 
@@ -47,7 +48,7 @@ def test_a_chunk_of_a_paused_cancelled_or_unknown_job_is_not_started(redis_clien
     board = JobBoard(redis_client)
     board.create("job-d", total=4, chunks=2, store_url="/tmp/x", user="ann")
     for state in (JobState.PAUSED, JobState.CANCELLED, JobState.DONE):
-        redis_client.hset("farm:job:job-d", "state", state.value)
+        redis_client.hset(keys.job_hash("job-d"), "state", state.value)
         assert board.start_chunk("job-d", 0, "w1", 2) == (state, 0)
     assert board.start_chunk("job-nobody", 0, "w1", 2) == (None, 0)
     assert board.deliveries("job-d") == {} and board.status("job-d").running == 0

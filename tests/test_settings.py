@@ -1,0 +1,48 @@
+"""Settings survive the trip to a child process's environment and back, every field of them."""
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from farm.errors import SettingMissing
+from farm.settings import Settings
+
+#: A value for every field that differs from its default, so a field that to_env() forgets fails.
+CHANGED = {
+    "broker_url": "redis://:p%40ss@10.0.0.5:6380/2",
+    "store": "s3://renders/team-a",
+    "s3_endpoint_url": "http://minio:9000",
+    "cache_dir": Path("/var/cache/farm-test"),
+    "model_configs": Path("/etc/farm/configs"),
+    "allow_pickle": True,
+    "device": "cuda:1",
+    "visibility_timeout": 42.5,
+    "queue": "farm.render.night",
+    "max_batch": 3,
+    "compile_unet": True,
+    "cpu_threads": 2,
+    "inject_oom_above": 5,
+}
+
+
+def test_every_field_round_trips_through_the_environment():
+    assert set(CHANGED) == {f.name for f in fields(Settings)}, "a new setting needs a value here"
+    settings = Settings(**CHANGED)
+    for name, value in CHANGED.items():
+        assert getattr(Settings(), name) != value, f"{name}: pick a value that is not the default"
+    assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_defaults_round_trip_and_overrides_keep_unset_values():
+    assert Settings.from_env(Settings().to_env()) == Settings()
+    changed = Settings(queue="q").with_overrides(store="/tmp/out", broker_url=None)
+    assert (changed.queue, changed.store, changed.broker_url) == ("q", "/tmp/out", None)
+
+
+def test_a_missing_broker_or_store_is_named():
+    with pytest.raises(SettingMissing, match="FARM_BROKER_URL"):
+        Settings().require_broker()
+    with pytest.raises(SettingMissing, match="FARM_STORE"):
+        Settings().require_store()
+    assert Settings(broker_url="redis://x", store="/o").require_broker() == "redis://x"
