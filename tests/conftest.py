@@ -21,11 +21,27 @@ import pytest
 import redis
 
 from farm import keys
-from farm.embedded import RedisServer, free_port, wait_until
+from farm.embedded import RedisServer, wait_until
 from farm.settings import Settings
 from workers.supervisor import Slot, worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config) -> None:
+    """One torch thread in every test process and every worker it starts (before torch loads):
+    the suite runs two test processes on two cores, and torch's default of a thread per core
+    in each of them makes them wait on each other's spinning threads (20x slower here)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The long tests first (faults, then the other end-to-end ones), so the two test processes
+    end together on the short ones instead of one waiting on the other's last fault test."""
+    def weight(item) -> int:
+        return 0 if item.get_closest_marker("faults") else 1 if item.get_closest_marker("e2e") else 2
+
+    items.sort(key=weight)
 S3_ACCESS_KEY = "farm-test-key"
 S3_SECRET_KEY = "farm-test-secret-Z3q9"
 
@@ -49,10 +65,37 @@ def redis_client(redis_url) -> redis.Redis:
     return redis.Redis.from_url(redis_url)
 
 
+#: SeaweedFS gives each of its servers an HTTP port and, 10,000 above it, a gRPC port.
+GRPC_OFFSET = 10_000
+
+
+def free_port_pair() -> int:
+    """A loopback port that is free, and free 10,000 above it too."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20_000, 65_535 - GRPC_OFFSET)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + GRPC_OFFSET))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free pair of loopback ports")
+
+
 class SeaweedS3:
+    """`weed mini` with every server on ports of its own (free ones, not SeaweedFS's fixed
+    defaults), so two test sessions can share a machine."""
+
+    SERVERS = ("master", "volume", "filer", "s3", "admin")
+
     def __init__(self, directory: Path):
         self.dir = directory
-        self.port = free_port()
+        self.ports = {server: free_port_pair() for server in self.SERVERS}
+        self.port = self.ports["s3"]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
@@ -66,7 +109,10 @@ class SeaweedS3:
         self.log = open(self.dir / "weed.log", "wb")
         self.process = subprocess.Popen(
             [weed, "mini", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-s3.port={self.port}", f"-s3.config={config}", "-admin.ui=false"],
+             *(f"-{server}.port={port}" for server, port in self.ports.items()),
+             # Servers we do not use, which would listen on fixed ports.
+             "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+             f"-s3.config={config}", "-admin.ui=false"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         client = self.client()
@@ -129,10 +175,14 @@ def bucket(s3_server, s3_env) -> str:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """Built-in models built once per session, so workers start in the same time every test."""
+    """Built-in models built once for the whole run (every test process shares the folder; the
+    build is atomic), so workers start in the same time every test."""
     from workers.tiny import TINY_MODELS, builtin_model_dir
 
-    path = tmp_path_factory.mktemp("farm-cache")
+    # Under pytest-xdist each process has its own base folder; their parent is the run's.
+    root = tmp_path_factory.getbasetemp()
+    path = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "farm-cache"
+    path.mkdir(exist_ok=True)
     for name in TINY_MODELS:
         builtin_model_dir(name, path)
     return path
@@ -186,16 +236,16 @@ class WorkerProcs:
         self.procs[name].wait(timeout=timeout)
 
     def stop_all(self) -> None:
+        """At a test's end, SIGKILL: the test has checked what it wanted, its Redis database and
+        bucket are thrown away, and a warm shutdown would cost a second or two per process. The
+        graceful paths (SIGTERM mid-chunk, the supervisor passing it on) have tests of their own."""
         everything = [*self.procs.values(), *([self.dispatcher] if self.dispatcher else [])]
         for proc in everything:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in everything:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        for proc in everything:
+            proc.wait(timeout=30)
+
 
 
 @pytest.fixture
