@@ -19,4 +19,5 @@ def follow(board: JobBoard, job_id: str, on_status: Callable[[JobStatus], None] 
             return status
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} not finished after {timeout:.0f}s: {status.done}/{status.total} done")
-        time.sleep(interval)
+        # Sleeps `interval`, or less: the job's end wakes it at once.
+        board.wait_ended(job_id, interval)

@@ -46,6 +46,8 @@ def serve(settings: Settings, stop: threading.Event | None = None, tick: float =
                 client.delete(keys.FEEDER_WAKE)
             delay = 0.5
         except BrokerUnavailable as e:
+            if stop.is_set():
+                break  # stopping with Redis: not a fault
             log.warning("Redis did not answer (%s); retrying in %.1fs", e, delay)
             stop.wait(delay)
             delay = min(delay * 2, 10.0)

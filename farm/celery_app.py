@@ -44,6 +44,9 @@ def make_celery(settings: Settings) -> Celery:
             "unacked_restore_throttle": 1,
         },
         worker_hijack_root_logger=False,
+        # The rendering process is up once torch, diffusers and any preloaded model are loaded
+        # (workers/app.py); Celery's default of 4 s would kill it for taking longer.
+        worker_proc_alive_timeout=300,
         worker_send_task_events=False,
     )
     return app

@@ -84,7 +84,8 @@ def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, transient=False,
+        # A few redraws a second: on a worker host, every wake-up takes a core from the render.
+        console=console, transient=False, refresh_per_second=4,
     )
 
 
@@ -101,7 +102,7 @@ def _follow_with_bar(board: JobBoard, job_id: str, total: int) -> JobStatus:
             # Steps of the chunks being rendered count as fractions of their items.
             bar.update(task, completed=s.done + s.failed + s.partial, detail=detail)
 
-        return follow(board, job_id, update)
+        return follow(board, job_id, update, interval=0.5)
 
 
 def _finish_code(status: JobStatus) -> int:
@@ -119,16 +120,20 @@ def run(
     gpus: str = typer.Option("all", help="GPUs for the embedded workers: all, none, or a list such as 0,1"),
 ):
     """Render a job on this machine: a private Redis and real worker processes, outputs in a folder."""
-    from dispatcher.submit import submit
-    from farm.contact import write_job_sheet
     from farm.embedded import EmbeddedFarm
 
     with _errors():
         job = load_spec(spec, Settings.from_env().allow_pickle)
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="farm-run-") as tmp:
-            settings = Settings.from_env().with_overrides(store=str(out_dir.resolve()))
+            # The worker loads the job's (first) model as it starts, before its first chunk; it
+            # starts first, so what this process does next happens while it loads.
+            first_model = job.grid.get("model", [job.model])[0]
+            settings = Settings.from_env().with_overrides(store=str(out_dir.resolve()), preload=(first_model,))
             farm = EmbeddedFarm(settings, Path(tmp), gpus=gpus, name=f"run-{os.getpid()}").start(wait=False)
+            from dispatcher.submit import submit
+            from farm.contact import write_job_sheet
+
             with farm:
                 # Queued while the worker starts: the dispatcher hands it out the moment it joins.
                 submitted = submit(job, farm.settings)
@@ -137,6 +142,8 @@ def run(
                 with console.status("starting a worker (loads torch and the model)..."):
                     farm.wait_ready()
                 status = _follow_with_bar(farm.board, submitted.job_id, submitted.items)
+                # The job has ended and all of it is stored: no warm shutdown to wait for.
+                farm.stop(kill=True)
         job_dir = out_dir / submitted.job_id
         _say_sheet(write_job_sheet(job_dir))
         typer.echo(str(job_dir))

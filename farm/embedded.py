@@ -159,7 +159,7 @@ class EmbeddedFarm:
         self.dispatcher: subprocess.Popen | None = None
         self._stop_dispatcher: threading.Event | None = None
         self._logs: list[IO] = []
-        self.started = False
+        self.started = self.stopped = False
 
     @property
     def board(self) -> JobBoard:
@@ -168,6 +168,7 @@ class EmbeddedFarm:
     def start(self, wait: bool = True, timeout: float = 120) -> "EmbeddedFarm":
         """Start everything; with `wait`, return once every worker has joined the pool."""
         self.started = True
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         if self.server.process is None:
             self.server.start()
         for i in range(self.workers):
@@ -196,15 +197,24 @@ class EmbeddedFarm:
     def wait_ready(self, timeout: float = 120) -> None:
         wait_for_workers(self.settings.broker_url, self.workers, timeout)
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """Stop everything: workers finish their chunk first (SIGTERM), or with `kill`, stop at once
+        (SIGKILL), for when every job has ended and there is nothing left to finish."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self._stop_dispatcher is not None:
             self._stop_dispatcher.set()
         if self.dispatcher is not None and self.dispatcher.poll() is None:
             self.dispatcher.terminate()
             self.dispatcher.wait(timeout=30)
         for process in self.processes:
-            stop_workers(process)
-        self.server.stop()
+            if kill and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            else:
+                stop_workers(process)
+        self.server.stop(kill=kill)
         for log in self._logs:
             log.close()
 

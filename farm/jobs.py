@@ -222,10 +222,15 @@ class JobBoard:
             pipe.hsetnx(keys.job_hash(job_id), "completed_at", time.time())
             pipe.delete(keys.handed_back(job_id))
             pipe.zrem(keys.lane_jobs(status.lane), job_id)
+            pipe.rpush(keys.ended(job_id), state.value)
             for key in keys.job_keys(job_id):
                 pipe.expire(key, keys.FINISHED_JOB_TTL)
             pipe.execute()
         return state
+
+    def wait_ended(self, job_id: str, timeout: float) -> bool:
+        """Block until the job ends or `timeout` seconds pass; True if it ended meanwhile."""
+        return bool(self.redis.blmove(keys.ended(job_id), keys.ended(job_id), timeout, "LEFT", "RIGHT"))
 
     def set_priority(self, job_id: str, priority: int) -> None:
         if not self.exists(job_id):

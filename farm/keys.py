@@ -123,9 +123,15 @@ def attempts(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:attempts"
 
 
+def ended(job_id: str) -> str:
+    """List: one entry pushed when the job ends, so whoever follows it wakes at once instead of
+    at its next poll."""
+    return f"{PREFIX}:job:{job_id}:ended"
+
+
 def job_keys(job_id: str) -> list[str]:
     return [job_hash(job_id), done_bits(job_id), failed_bits(job_id), failures(job_id), running(job_id),
-            deliveries(job_id), cursors(job_id), handed_back(job_id), attempts(job_id)]
+            deliveries(job_id), cursors(job_id), handed_back(job_id), attempts(job_id), ended(job_id)]
 
 
 # --- the pool: lanes, fair share, workers, the feeder ---------------------------------------

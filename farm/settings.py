@@ -54,6 +54,8 @@ class Settings:
     #: one worker a host; several CPU workers on one host must split the cores, or their
     #: thread pools fight (two 2-thread workers on 2 cores ran 20x slower than one).
     cpu_threads: int | None = None
+    #: Models a worker loads when it starts, before its first chunk (`farm run` names the job's).
+    preload: tuple[str, ...] = ()
     #: Fault injection for the test suite: the worker raises out-of-memory on any batch
     #: larger than this. Never set it in production.
     inject_oom_above: int | None = None
@@ -80,6 +82,8 @@ class Settings:
                           ("cpu_threads", "FARM_CPU_THREADS")):
             if env.get(var):
                 kwargs[name] = int(env[var])
+        if env.get("FARM_PRELOAD"):
+            kwargs["preload"] = tuple(m for m in env["FARM_PRELOAD"].split(",") if m)
         if env.get("FARM_VISIBILITY_TIMEOUT"):
             kwargs["visibility_timeout"] = float(env["FARM_VISIBILITY_TIMEOUT"])
         return cls(**kwargs)
@@ -108,6 +112,8 @@ class Settings:
             env["FARM_MODEL_CONFIGS"] = str(self.model_configs)
         if self.allow_pickle:
             env["FARM_ALLOW_PICKLE_CHECKPOINTS"] = "1"
+        if self.preload:
+            env["FARM_PRELOAD"] = ",".join(self.preload)
         if self.broker_url:
             env["FARM_BROKER_URL"] = self.broker_url
         if self.store:

@@ -23,6 +23,7 @@ CHANGED = {
     "compile_unet": True,
     "cpu_threads": 2,
     "inject_oom_above": 5,
+    "preload": ("shapes-sd", "/models/mine"),
 }
 
 

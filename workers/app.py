@@ -16,7 +16,6 @@ from farm.celery_app import make_celery
 from farm.connections import connect
 from farm.errors import BrokerAccessDenied, BrokerUnavailable
 from farm.settings import Settings
-from workers import runtime
 from workers.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -27,7 +26,11 @@ app = make_celery(settings)
 
 @worker_process_init.connect
 def _init_process(**_) -> None:
-    runtime.init(settings)
+    # torch, diffusers and the models load here, in the rendering process, never in the parent:
+    # CUDA cannot be used after a fork, and the parent's start-up is not held up meanwhile.
+    from workers import runtime
+
+    runtime.init(settings).preload()
 
 
 _lease: LeaseKeeper | None = None
@@ -58,6 +61,7 @@ def _retire(sender=None, **_) -> None:
 
 @app.task(name=keys.RENDER_TASK, bind=True)
 def render_chunk(self, **message) -> int:
+    from workers import runtime
     from workers.tasks import run_chunk
 
     outputs = run_chunk(runtime.current(), message, worker=self.request.hostname or socket.gethostname())

@@ -14,6 +14,7 @@ import redis
 import torch
 
 from farm.connections import connect
+from farm.errors import PermanentError
 from farm.jobs import JobBoard
 from farm.settings import Settings
 from farm.store import Store, open_store
@@ -60,6 +61,19 @@ class Runtime:
         )
         log.info("worker process ready on %s", runtime.device_name)
         return runtime
+
+    def preload(self) -> None:
+        """Import the render path (diffusers is seconds of it) and load the operator's preloaded
+        models now, so the first chunk does not wait for them."""
+        import workers.tasks  # noqa: F401
+
+        for ref in self.settings.preload:
+            try:
+                self.models.get(ref)
+            except PermanentError as e:
+                # Not this process's to fail: the chunks that need the model fail with the reason.
+                log.warning("could not preload %s: %s", ref, e)
+        log.info("preloaded the render path and %d model(s)", len(self.settings.preload))
 
     def store(self, url: str) -> Store:
         """One store object (and so one boto3 client) per store URL, for the life of the process."""
