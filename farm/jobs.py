@@ -276,13 +276,18 @@ class JobBoard:
             data, running, failures = pipe.execute()
         if not data:
             raise JobNotFound(f"no job {job_id!r} in Redis")
+        header = JobHeader.parse(job_id, data)
         running_rows = [json.loads(r) for r in running]
+        # A worker counts its items done a round trip before it clears the chunk's running
+        # row, so a row may still be there for items already counted: never count past the end.
+        left = max(0, header.total - header.done - header.failed)
+        running_items = min(left, sum(r["items"] for r in running_rows))
         return JobStatus(
-            **vars(JobHeader.parse(job_id, data)),
-            running=sum(r["items"] for r in running_rows),
+            **vars(header),
+            running=running_items,
             failures={int(k): v.decode() for k, v in failures.items()},
             workers=sorted({r["worker"] for r in running_rows}),
-            partial=sum(r.get("items", 0) * r.get("fraction", 0.0) for r in running_rows),
+            partial=min(running_items, sum(r.get("items", 0) * r.get("fraction", 0.0) for r in running_rows)),
         )
 
     # --- chunks and items ----------------------------------------------------------------

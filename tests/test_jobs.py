@@ -44,6 +44,18 @@ def test_running_and_queued_counts(redis_client):
     assert board.deliveries("job-c") == {0: 1, 1: 1}
 
 
+def test_a_chunk_counted_done_before_its_row_is_cleared_does_not_count_twice(redis_client):
+    board = JobBoard(redis_client)
+    board.create("job-r", total=8, chunks=2, store_url="/tmp/x", user="ann")
+    board.mark_done("job-r", [0, 1, 2, 3])
+    board.set_running("job-r", 1, {"worker": "w1", "items": 4, "since": 0.0, "fraction": 0.5})
+    status = board.status("job-r")
+    assert (status.running, status.partial) == (4, 2.0)
+    board.mark_done("job-r", [4, 5, 6, 7])  # the worker's next round trip clears the row
+    status = board.status("job-r")
+    assert (status.done, status.running, status.partial, status.queued) == (8, 0, 0.0, 0)
+
+
 def test_a_chunk_of_a_paused_cancelled_or_unknown_job_is_not_started(redis_client):
     board = JobBoard(redis_client)
     board.create("job-d", total=4, chunks=2, store_url="/tmp/x", user="ann")
