@@ -76,19 +76,6 @@ def load_plan(store: Store, job_id: str) -> Plan:
     return Plan(JobSpec.model_validate(job["spec"], context={"allow_pickle": True}), job_id)
 
 
-def unsettled(done: bytes | None, failed: bytes | None, total: int) -> list[int]:
-    """Indexes below `total` with neither bit set (Redis bitmaps: bit 0 is the first byte's top bit)."""
-    done, failed = done or b"", failed or b""
-    size = -(-total // 8)
-    done, failed = done.ljust(size, b"\0"), failed.ljust(size, b"\0")
-    missing = []
-    for pos in range(size):
-        byte = done[pos] | failed[pos]
-        if byte != 0xFF:
-            missing += [pos * 8 + bit for bit in range(8) if not byte >> (7 - bit) & 1 and pos * 8 + bit < total]
-    return missing
-
-
 class Feeder:
     def __init__(self, client: redis.Redis, app, settings: Settings, depth: int = pool.WINDOW):
         self.redis = client
@@ -199,9 +186,9 @@ class Feeder:
     def _next_chunk(self, job: JobView, worker: WorkerView, live: list[WorkerView]) -> int | None:
         plan = self.plan(job)
         while (back := self.board.take_handed_back(job.job_id)) is not None:
-            if not self._all_settled(job.job_id, plan, back):
+            if not self.board.all_settled(job.job_id, plan.chunk_range(back)):
                 return back
-        taken = {int(g): int(n) for g, n in self.redis.hgetall(keys.cursors(job.job_id)).items()}
+        taken = self.board.taken(job.job_id)
         left = {g: plan.group_chunk_count(g) - taken.get(g, 0) for g in range(len(plan.models))}
         left = {g: n for g, n in left.items() if n > 0}
         if not left:
@@ -212,24 +199,15 @@ class Feeder:
         for group in order:
             # Skip chunks already stored (a job rebuilt after a crash), a bounded number per call.
             for _ in range(10_000):
-                ordinal = self.redis.hincrby(keys.cursors(job.job_id), group, 1) - 1
+                ordinal = self.board.take(job.job_id, group)
                 if ordinal >= plan.group_chunk_count(group):
                     break
                 number = plan.group_chunk(group, ordinal)
-                if not self._all_settled(job.job_id, plan, number):
+                if not self.board.all_settled(job.job_id, plan.chunk_range(number)):
                     return number
             else:
                 return None
         return None
-
-    def _all_settled(self, job_id: str, plan: Plan, number: int) -> bool:
-        """True when every item of the chunk is already done or failed."""
-        with self.redis.pipeline() as pipe:
-            for index in plan.chunk_range(number):
-                pipe.getbit(keys.done_bits(job_id), index)
-                pipe.getbit(keys.failed_bits(job_id), index)
-            bits = pipe.execute()
-        return all(a or b for a, b in zip(bits[::2], bits[1::2]))
 
     # --- acting --------------------------------------------------------------------------
 
@@ -275,11 +253,7 @@ class Feeder:
             return
         self._swept[job.job_id] = time.time()
         plan = self.plan(job)
-        with self.redis.pipeline() as pipe:
-            pipe.get(keys.done_bits(job.job_id))
-            pipe.get(keys.failed_bits(job.job_id))
-            done, failed = pipe.execute()
-        missing = {plan.chunk_of(i) for i in unsettled(done, failed, plan.item_count)}
+        missing = {plan.chunk_of(i) for i in self.board.unsettled(job.job_id, plan.item_count)}
         if missing:
             log.warning("job %s: %d chunks were lost on the way; handing them out again", job.job_id, len(missing))
             self.board.hand_back(job.job_id, *sorted(missing))

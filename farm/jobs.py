@@ -169,6 +169,19 @@ class JobStatus(JobHeader):
         return (self.total - self.done - self.failed) / rate
 
 
+def unsettled(done: bytes | None, failed: bytes | None, total: int) -> list[int]:
+    """Indexes below `total` with neither bit set (Redis bitmaps: bit 0 is the first byte's top bit)."""
+    done, failed = done or b"", failed or b""
+    size = -(-total // 8)
+    done, failed = done.ljust(size, b"\0"), failed.ljust(size, b"\0")
+    missing = []
+    for pos in range(size):
+        byte = done[pos] | failed[pos]
+        if byte != 0xFF:
+            missing += [pos * 8 + bit for bit in range(8) if not byte >> (7 - bit) & 1 and pos * 8 + bit < total]
+    return missing
+
+
 class JobBoard:
     """Reads and writes job state in Redis. Methods that take `pipe` queue their commands on
     the caller's pipeline, so a worker's wrap-up stays one round trip."""
@@ -320,6 +333,31 @@ class JobBoard:
         """The next chunk handed back, taken off the list; None when there is none."""
         number = self.redis.lpop(keys.handed_back(job_id))
         return None if number is None else int(number)
+
+    def taken(self, job_id: str) -> dict[int, int]:
+        """Model group -> how many of its chunks the feeder has handed out."""
+        return {int(g): int(n) for g, n in self.redis.hgetall(keys.cursors(job_id)).items()}
+
+    def take(self, job_id: str, group: int) -> int:
+        """The ordinal of the group's next chunk to hand out, counted as handed out."""
+        return self.redis.hincrby(keys.cursors(job_id), group, 1) - 1
+
+    def all_settled(self, job_id: str, indexes: range | list[int]) -> bool:
+        """True when every one of these items is already done or failed."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                pipe.getbit(keys.done_bits(job_id), index)
+                pipe.getbit(keys.failed_bits(job_id), index)
+            bits = pipe.execute()
+        return all(a or b for a, b in zip(bits[::2], bits[1::2]))
+
+    def unsettled(self, job_id: str, total: int) -> list[int]:
+        """Indexes below `total` neither done nor failed, from both bitmaps in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.done_bits(job_id))
+            pipe.get(keys.failed_bits(job_id))
+            done, failed = pipe.execute()
+        return unsettled(done, failed, total)
 
     def done_among(self, job_id: str, indexes: list[int]) -> set[int]:
         with self.redis.pipeline(transaction=False) as pipe:

@@ -13,11 +13,11 @@ import time
 import pytest
 
 from dispatcher import control
-from dispatcher.feeder import Feeder, load_plan, unsettled
+from dispatcher.feeder import Feeder, load_plan
 from dispatcher.submit import submit
 from farm import keys, pool
 from farm.celery_app import make_celery
-from farm.jobs import JobBoard, JobState
+from farm.jobs import JobBoard, JobState, unsettled
 from farm.settings import Settings
 from farm.spec import parse_spec
 from farm.store import open_store
