@@ -1,8 +1,9 @@
-"""A job's state in Redis: its hash (`farm:job:<id>`), counters and running chunks.
+"""A job's state in Redis: its hash (`farm:job:<id>`), the done and failed bitmaps, the
+running chunks, and the feeder's cursors and handed-back chunks.
 
-`JobBoard` is the only code that reads or writes a job's hash, as rq's `Job` owns
-its own: submission creates it, the feeder reads it, workers count items into it,
-control moves its state, and `close()` ends it (finished or cancelled).
+`JobBoard` is the only code that reads or writes a job's keys (`keys.job_keys`), as rq's
+`Job` owns its own: submission creates them, the feeder reads them, workers count items
+into them, control moves the state, and `close()` ends the job (finished or cancelled).
 
 Counting is exact under redelivery: an item's done bit is set with SETBIT, which
 returns the old bit, and only a 0 -> 1 change moves a counter.
