@@ -16,7 +16,7 @@ import threading
 import time
 
 from dispatcher.feeder import Feeder
-from farm import keys
+from farm import keys, webhooks
 from farm.celery_app import make_celery
 from farm.connections import connect
 from farm.errors import BrokerUnavailable
@@ -32,6 +32,10 @@ def serve(settings: Settings, stop: threading.Event | None = None, tick: float =
     stop = stop or threading.Event()
     # Replies wait at most the BLPOP's block and a margin; a longer silence is a Redis away.
     client = connect(settings, socket_timeout=tick + 10)
+    if settings.webhook_secret:
+        # Its own thread: a slow receiver must not hold up the feeder.
+        courier = webhooks.Courier(connect(settings, socket_timeout=30), settings.webhook_secret)
+        threading.Thread(target=courier.run, args=(stop,), name="farm-webhooks", daemon=True).start()
     feeder = Feeder(client, make_celery(settings), settings)
     me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
     delay = 0.5

@@ -51,6 +51,8 @@ def submit(spec: JobSpec, settings: Settings, user: str | None = None, store: St
     spec = spec.with_resolved_seeds()
     spec = with_placement(spec, lane, priority)
     user = check_user(user or default_user())
+    if spec.webhook and not settings.webhook_secret:
+        raise SpecError.single("webhook", "this farm signs webhooks with FARM_WEBHOOK_SECRET, and none is set")
     store = store or open_store(settings.require_store(), settings)
     job_id = keys.new_job_id(spec.name)
 
@@ -77,7 +79,8 @@ def register(board: JobBoard, job_id: str, plan: Plan, *, store_url: str, user: 
     """The job's state in Redis, then its place in its lane (`farm resume` rebuilds through here too)."""
     spec = plan.spec
     board.create(job_id, total=plan.item_count, chunks=plan.chunk_count, store_url=store_url, user=user,
-                 name=spec.name or "", lane=spec.lane, priority=spec.priority, created=created)
+                 name=spec.name or "", lane=spec.lane, priority=spec.priority, created=created,
+                 webhook=spec.webhook, webhook_each=spec.webhook_each)
     fairshare.enlist(board, job_id, spec.lane, user, created)
 
 

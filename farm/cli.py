@@ -230,13 +230,7 @@ def status(
         if watch and not s.finished:
             s = _follow_with_bar(board, job_id, s.total)
         if as_json:
-            out.print_json(json.dumps({
-                "job": s.job_id, "state": s.state.value, "user": s.user, "lane": s.lane, "priority": s.priority,
-                "total": s.total, "queued": s.queued, "running": s.running, "done": s.done, "failed": s.failed,
-                "progress": round((s.done + s.failed + s.partial) / max(1, s.total), 4),
-                "eta_seconds": s.eta_seconds, "workers": s.workers,
-                "failures": {str(k): v for k, v in s.failures.items()},
-            }))
+            out.print_json(json.dumps(s.summary()))
             return
         title = f"{s.job_id}: {s.state.value} ({s.user}, {s.lane} lane, priority {s.priority})"
         table = Table(title=title, show_header=True)
@@ -375,12 +369,7 @@ def workers(
         settings = _settings(broker)
         views = pool.read(_board(settings).redis, settings.queue)
         now = time.time()
-        rows = [{
-            "worker": w.name, "host": w.host, "gpu": w.gpu, "device": w.device, "models": w.models,
-            "model_loads": w.loads, "current": w.current, "images": w.images,
-            "images_per_minute": w.images_per_minute, "heartbeat_seconds_ago": round(now - w.heartbeat, 1),
-            "assigned": len(w.assigned),
-        } for w in views]
+        rows = [w.summary(now) for w in views]
         if as_json:
             out.print_json(json.dumps({"workers": rows, "model_loads": sum(w.loads for w in views)}))
             return
@@ -426,6 +415,60 @@ def info(image: Path = typer.Argument(..., help="a PNG the farm (or the webui) m
         if text is None:
             raise ValueError(f"{image} has no 'parameters' text")
         out.print_json(json.dumps(infotext.parse(text), ensure_ascii=False))
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(7860, help="port (7860 is the webui's)"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="no tokens: every request is an admin (one trusted host)"),
+    broker: Optional[str] = BrokerOpt,
+    store: Optional[str] = StoreOpt,
+    endpoint_url: Optional[str] = EndpointOpt,
+):
+    """Serve the REST API (/v1, OpenAPI at /docs) on the pool's Redis and store."""
+    with _errors():
+        try:
+            import uvicorn
+
+            from dispatcher.api import create_app
+        except ImportError as e:
+            raise ValueError(f"farm serve needs its extra: pip install 'farm[serve]' ({e.name} is missing)") from None
+        settings = _settings(broker, store, endpoint_url)
+        api = create_app(settings, auth=not no_auth)
+        if no_auth:
+            console.print("[bold red]warning:[/bold red] --no-auth: anyone who reaches "
+                          f"{host}:{port} controls every job on this pool", highlight=False)
+        console.print(f"farm API on http://{host}:{port} (docs at /docs); Ctrl-C to stop", highlight=False)
+        uvicorn.run(api, host=host, port=port, log_level="info")
+
+
+token_app = typer.Typer(help="API tokens for farm serve.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    user: str = typer.Option(..., help="whose token (it sees and controls this user's jobs)"),
+    admin: bool = typer.Option(False, "--admin", help="sees and controls every user's jobs"),
+    broker: Optional[str] = BrokerOpt,
+):
+    """Make a token and print it, once: only its SHA-256 is kept."""
+    from dispatcher.submit import check_user
+    from farm.tokens import TokenBook
+
+    with _errors():
+        typer.echo(TokenBook(_board(_settings(broker)).redis).create(check_user(user), admin=admin))
+
+
+@token_app.command("revoke")
+def token_revoke(token: str = typer.Argument(...), broker: Optional[str] = BrokerOpt):
+    """Revoke a token: requests carrying it answer 401 from now on."""
+    from farm.tokens import TokenBook
+
+    with _errors():
+        TokenBook(_board(_settings(broker)).redis).revoke(token)
+        console.print("revoked", highlight=False)
 
 
 def main() -> None:

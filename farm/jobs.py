@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import redis
 
-from farm import keys
+from farm import keys, webhooks
 from farm.connections import connect
 from farm.errors import JobNotFound, PermanentError
 
@@ -129,6 +129,9 @@ class JobHeader:
     priority: int = 0
     #: Measured by the workers (seconds of a chunk / its items); None until a chunk finished.
     seconds_per_item: float | None = None
+    #: Where the job's end (and, with webhook_each, each stored image) is posted; "" for nowhere.
+    webhook: str = ""
+    webhook_each: bool = False
 
     @classmethod
     def parse(cls, job_id: str, raw: dict) -> "JobHeader":
@@ -141,6 +144,7 @@ class JobHeader:
             failed=int(data.get("failed", 0)), started=optional("started"), completed=optional("completed_at"),
             user=data.get("user", ""), name=data.get("name", ""), lane=data.get("lane", "batch"),
             priority=int(data.get("priority", 0)), seconds_per_item=optional("seconds_per_item"),
+            webhook=data.get("webhook", ""), webhook_each=data.get("webhook_each") == "1",
         )
 
     @property
@@ -168,6 +172,18 @@ class JobStatus(JobHeader):
             return None
         rate = self.done / max(1e-6, time.time() - self.started)
         return (self.total - self.done - self.failed) / rate
+
+    def summary(self) -> dict:
+        """The status as plain JSON values: `farm status --json` and `GET /v1/jobs/{id}`."""
+        return {
+            "job": self.job_id, "state": self.state.value, "user": self.user, "name": self.name,
+            "lane": self.lane, "priority": self.priority, "total": self.total, "queued": self.queued,
+            "running": self.running, "done": self.done, "failed": self.failed,
+            "progress": round((self.done + self.failed + self.partial) / max(1, self.total), 4),
+            "eta_seconds": self.eta_seconds, "created": self.created, "started": self.started,
+            "completed": self.completed, "workers": self.workers,
+            "failures": {str(k): v for k, v in sorted(self.failures.items())},
+        }
 
 
 def unsettled(done: bytes | None, failed: bytes | None, total: int) -> list[int]:
@@ -200,7 +216,8 @@ class JobBoard:
     # --- a job's life: create, move, close ---------------------------------------------
 
     def create(self, job_id: str, *, total: int, chunks: int, store_url: str, user: str, name: str = "",
-               lane: str = "batch", priority: int = 0, created: float | None = None) -> None:
+               lane: str = "batch", priority: int = 0, created: float | None = None, webhook: str | None = None,
+               webhook_each: bool = False) -> None:
         """Write a job's state; the feeder sees it once it is in its lane (farm.fairshare.enlist)."""
         now = created or time.time()
         with self.redis.pipeline() as pipe:
@@ -209,8 +226,10 @@ class JobBoard:
                 "state": JobState.QUEUED.value, "total": total, "chunks": chunks, "done": 0, "failed": 0,
                 "store": store_url, "user": user, "name": name, "created": now, "lane": lane,
                 "priority": priority,
+                **({"webhook": webhook, "webhook_each": int(webhook_each)} if webhook else {}),
             })
             pipe.zadd(keys.JOBS_INDEX, {job_id: now})
+            pipe.zadd(keys.user_jobs(user), {job_id: now})
             pipe.execute()
 
     def move(self, job_id: str, to: JobState, allowed: tuple[JobState, ...]) -> JobState:
@@ -240,6 +259,9 @@ class JobBoard:
             for key in keys.job_keys(job_id):
                 pipe.expire(key, keys.FINISHED_JOB_TTL)
             pipe.execute()
+        if status.webhook:
+            webhooks.enqueue(self.redis, webhooks.job_ended_id(job_id), status.webhook,
+                             {"event": "job.ended", **self.status(job_id).summary()})
         return state
 
     def wait_ended(self, job_id: str, timeout: float) -> bool:
@@ -281,6 +303,46 @@ class JobBoard:
                 pipe.hgetall(keys.job_hash(job_id))
             rows = pipe.execute()
         return [JobHeader.parse(j, raw) if raw else None for j, raw in zip(job_ids, rows)]
+
+    def listing(self, user: str | None, *, offset: int = 0, limit: int = 50,
+                state: JobState | None = None) -> list[JobHeader]:
+        """Jobs newest first: one user's, or everyone's for None. Ids whose state has expired
+        are dropped from the index on the way."""
+        index = keys.user_jobs(user) if user is not None else keys.JOBS_INDEX
+        found: list[JobHeader] = []
+        start = 0
+        while len(found) < offset + limit:
+            ids = [j.decode() for j in self.redis.zrevrange(index, start, start + 199)]
+            if not ids:
+                break
+            start += len(ids)
+            headers = self.headers(ids)
+            gone = [j for j, h in zip(ids, headers) if h is None]
+            if gone:
+                self.redis.zrem(index, *gone)
+                start -= len(gone)
+            found += [h for h in headers if h is not None and (state is None or h.state is state)]
+        return found[offset:offset + limit]
+
+    def waiting_items(self, user: str) -> int:
+        """Items of the user's unfinished jobs (queued, running or paused) not yet done or failed."""
+        ids = [j.decode() for j in self.redis.zrange(keys.user_jobs(user), 0, -1)]
+        return sum(h.total - h.done - h.failed for h in self.headers(ids) if h is not None and not h.finished)
+
+    def queue_position(self, header: JobHeader) -> int | None:
+        """How many runnable jobs of its lane go before this one (higher priority, or the same
+        priority and older); None for a job that is not runnable. Fair share may still serve
+        another user's job first: this is the order within the lane, not a promise."""
+        if not header.state.runnable:
+            return None
+        ids = [j.decode() for j in self.redis.zrange(keys.lane_jobs(header.lane), 0, -1)]
+        ahead = 0
+        for other in self.headers(ids):
+            if other is None or other.job_id == header.job_id or not other.state.runnable:
+                continue
+            if (-other.priority, other.created) < (-header.priority, header.created):
+                ahead += 1
+        return ahead
 
     def status(self, job_id: str) -> JobStatus:
         with self.redis.pipeline() as pipe:

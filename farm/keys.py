@@ -69,6 +69,25 @@ PREFIX = "farm"
 JOBS_INDEX = f"{PREFIX}:jobs"
 
 
+def user_jobs(user: str) -> str:
+    """Sorted set: one user's job ids by submission time (`GET /v1/jobs`)."""
+    return f"{PREFIX}:user:{user}:jobs"
+
+
+#: Sorted set: webhook delivery id -> when it is next due (farm/webhooks.py).
+WEBHOOKS_DUE = f"{PREFIX}:webhooks:due"
+
+
+def webhook(delivery_id: str) -> str:
+    """Hash: one webhook delivery (url, body, first try, attempts, delivered or gave_up)."""
+    return f"{PREFIX}:webhook:{delivery_id}"
+
+
+#: Hash: SHA-256 of an API token -> JSON {user, admin, created}. Tokens themselves are
+#: never stored.
+TOKENS = f"{PREFIX}:tokens"
+
+
 #: Hash: worker name -> JSON {host, since, queue}, written when a worker is ready and
 #: removed when it shuts down cleanly; `farm run` and the tests wait on it.
 WORKERS = f"{PREFIX}:workers"

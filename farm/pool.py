@@ -42,6 +42,15 @@ class WorkerView:
     #: `<job>/<chunk>` the worker had taken from its queue at its last heartbeat.
     holding: list[str] = field(default_factory=list)
 
+    def summary(self, now: float) -> dict:
+        """Plain JSON values: `farm workers --json` and `GET /v1/workers`."""
+        return {
+            "worker": self.name, "host": self.host, "gpu": self.gpu, "device": self.device, "models": self.models,
+            "model_loads": self.loads, "current": self.current, "images": self.images,
+            "images_per_minute": self.images_per_minute, "heartbeat_seconds_ago": round(now - self.heartbeat, 1),
+            "assigned": len(self.assigned),
+        }
+
     def will_hold(self) -> set[str]:
         """Models this worker holds or will load for the chunks it has been given."""
         return set(self.models) | {a["model"] for a in self.assigned.values()}

@@ -56,6 +56,16 @@ class Settings:
     cpu_threads: int | None = None
     #: Models a worker loads when it starts, before its first chunk (`farm run` names the job's).
     preload: tuple[str, ...] = ()
+    #: The operator's model folder: the names an HTTP client may ask for (beside the built-ins)
+    #: are the checkpoints and diffusers folders below it. None: built-ins only over HTTP.
+    model_dir: Path | None = None
+    #: `farm serve`: the largest request body it reads; a larger one answers 413.
+    api_max_body: int = 32 * 1024 * 1024
+    #: `farm serve`: the most items one user may have waiting (queued or running) at once; a
+    #: submission past it answers 429.
+    api_max_queued: int = 100_000
+    #: Signs every webhook's body (HMAC-SHA256); jobs with a webhook are refused without it.
+    webhook_secret: str | None = None
     #: Fault injection for the test suite: the worker raises out-of-memory on any batch
     #: larger than this. Never set it in production.
     inject_oom_above: int | None = None
@@ -76,10 +86,15 @@ class Settings:
             kwargs["compile_unet"] = True
         if env.get("FARM_MODEL_CONFIGS"):
             kwargs["model_configs"] = Path(env["FARM_MODEL_CONFIGS"])
+        if env.get("FARM_WEBHOOK_SECRET"):
+            kwargs["webhook_secret"] = env["FARM_WEBHOOK_SECRET"]
+        if env.get("FARM_MODEL_DIR"):
+            kwargs["model_dir"] = Path(env["FARM_MODEL_DIR"])
         if env.get("FARM_CACHE_DIR"):
             kwargs["cache_dir"] = Path(env["FARM_CACHE_DIR"])
         for name, var in (("max_batch", "FARM_MAX_BATCH"), ("inject_oom_above", "FARM_INJECT_OOM_ABOVE"),
-                          ("cpu_threads", "FARM_CPU_THREADS")):
+                          ("cpu_threads", "FARM_CPU_THREADS"), ("api_max_body", "FARM_API_MAX_BODY"),
+                          ("api_max_queued", "FARM_API_MAX_QUEUED")):
             if env.get(var):
                 kwargs[name] = int(env[var])
         if env.get("FARM_PRELOAD"):
@@ -112,6 +127,14 @@ class Settings:
             env["FARM_MODEL_CONFIGS"] = str(self.model_configs)
         if self.allow_pickle:
             env["FARM_ALLOW_PICKLE_CHECKPOINTS"] = "1"
+        if self.model_dir:
+            env["FARM_MODEL_DIR"] = str(self.model_dir)
+        if self.webhook_secret:
+            env["FARM_WEBHOOK_SECRET"] = self.webhook_secret
+        if self.api_max_body != Settings.api_max_body:
+            env["FARM_API_MAX_BODY"] = str(self.api_max_body)
+        if self.api_max_queued != Settings.api_max_queued:
+            env["FARM_API_MAX_QUEUED"] = str(self.api_max_queued)
         if self.preload:
             env["FARM_PRELOAD"] = ",".join(self.preload)
         if self.broker_url:

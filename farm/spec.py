@@ -16,6 +16,7 @@ from enum import IntEnum
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
+from urllib.parse import urlparse
 
 from pydantic import (
     AfterValidator,
@@ -162,6 +163,13 @@ def _nonempty_text(value: str, what: str) -> str:
     return value
 
 
+def _webhook_url(value: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or len(value) > 2000:
+        raise ValueError(f"must be an http:// or https:// URL of at most 2000 characters, got {value[:80]!r}")
+    return value
+
+
 def _job_name(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
         raise ValueError(
@@ -277,12 +285,18 @@ class JobSpec(BaseModel):
     padding: Annotated[int, _range(0, 256)] = 32
     invert_mask: bool = False
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    #: Receives a signed POST of the job's summary when it ends (farm/webhooks.py).
+    webhook: Annotated[str, AfterValidator(_webhook_url)] | None = None
+    #: Also POST each stored image's record to `webhook`, as it is stored.
+    webhook_each: bool = False
 
     @model_validator(mode="after")
     def _check_whole(self) -> "JobSpec":
         problems = list(_grid_problems(self.grid))
         problems += _sampler_problems(self)
         problems += _mode_problems(self)
+        if self.webhook_each and not self.webhook:
+            problems.append(("webhook_each", "needs a webhook URL to post to"))
         if not problems and self.item_count > MAX_ITEMS:
             problems.append(("grid", f"the job expands to {self.item_count} images; at most {MAX_ITEMS}"))
         if problems:

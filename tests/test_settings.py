@@ -24,6 +24,10 @@ CHANGED = {
     "cpu_threads": 2,
     "inject_oom_above": 5,
     "preload": ("shapes-sd", "/models/mine"),
+    "model_dir": Path("/srv/models"),
+    "api_max_body": 1024,
+    "api_max_queued": 7,
+    "webhook_secret": "s3cr3t",
 }
 
 

@@ -18,7 +18,7 @@ import redis
 import torch
 from PIL import Image
 
-from farm import __version__, fairshare, infotext, keys, manifest, png, pool
+from farm import __version__, fairshare, infotext, keys, manifest, png, pool, webhooks
 from farm.errors import BrokerUnavailable, ModelError, PermanentError, RetriableError, StoreUnavailable
 from farm.jobs import JobState
 from farm.message import RenderMessage
@@ -176,7 +176,21 @@ def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: lis
         record = json.dumps(out.record, ensure_ascii=False).encode()
         with_backoff(lambda: store.put(keys.record(chunk.job_id, out.item.index), record, "application/json"),
                      "uploading record")
+    if outputs:
+        with_backoff(lambda: _announce(runtime, chunk.job_id, outputs), "queueing webhooks")
     return outputs
+
+
+def _announce(runtime: Runtime, job_id: str, outputs: list[Output]) -> None:
+    """With `webhook_each`, queue a POST of each stored image's record."""
+    [header] = runtime.board.headers([job_id])
+    if header is None or not header.webhook_each:
+        return
+    with runtime.redis.pipeline(transaction=False) as pipe:
+        for out in outputs:
+            webhooks.enqueue(pipe, webhooks.item_stored_id(job_id, out.item.index), header.webhook,
+                             {"event": "item.stored", "job": job_id, **out.record})
+        pipe.execute()
 
 
 def _render_batches(runtime: Runtime, model, items, fetch, vae, on_step) -> tuple[list, list[list[int]]]:

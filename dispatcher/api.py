@@ -1,0 +1,347 @@
+"""`farm serve`: the farm's REST API (`/v1`), one ASGI app on the same Redis and store as
+the rest of the farm. Submission goes through `dispatcher.submit` exactly as `farm submit`
+does; every job id answers with an explicit state, or 404.
+
+A request names who it is with `Authorization: Bearer <token>` (`farm token create`), or
+HTTP Basic `user:token`. A user sees and controls only their own jobs; another user's job
+answers 404, as an unknown one does. `auth=False` (`farm serve --no-auth`) is for one
+trusted host: every request is an admin acting as the login user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import (
+    HTTPAuthorizationCredentials,
+    HTTPBasic,
+    HTTPBasicCredentials,
+    HTTPBearer,
+)
+
+from dispatcher import control
+from dispatcher.submit import default_user, submit
+from farm import __version__, keys, pool
+from farm.errors import BrokerUnavailable, JobNotFound, SpecError, StoreUnavailable
+from farm.jobs import JobBoard, JobHeader, JobState, JobStateError
+from farm.settings import Settings
+from farm.spec import BUILTIN_MODELS, STORE_PREFIX, parse_spec
+from farm.store import KeyMissing, Store, open_store
+from farm.tokens import Caller, TokenBook
+
+#: Spec fields that name files on the server's disk: a client may not point them anywhere.
+_LOCAL_ONLY = ("prompts_file",)
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._-][A-Za-z0-9._ /-]{0,199}")
+_DATA_URL = re.compile(r"data:[\w/+.-]+;base64,", re.I)
+#: Seconds between two looks at the caller's jobs for /v1/events.
+EVENTS_INTERVAL = 1.0
+
+
+def create_app(settings: Settings, *, auth: bool = True) -> FastAPI:
+    board = JobBoard.from_url(settings.require_broker())
+    store = open_store(settings.require_store(), settings)
+    tokens = TokenBook(board.redis)
+    app = FastAPI(title="farm", version=__version__,
+                  description="A render farm for Stable Diffusion: jobs, their images, the worker pool.")
+    _add_error_handlers(app)
+    _add_body_limit(app, settings.api_max_body)
+    app.include_router(_routes(settings, board, store, _authenticator(tokens, auth)))
+    return app
+
+
+# --- who is asking ------------------------------------------------------------------------
+
+def _authenticator(tokens: TokenBook, auth: bool):
+    bearer, basic = HTTPBearer(auto_error=False), HTTPBasic(auto_error=False)
+    trusted = Caller(default_user(), admin=True)
+
+    def caller(request: Request) -> Caller:
+        if not auth:
+            return trusted
+        header = request.headers.get("authorization", "")
+        scheme = header.split(" ", 1)[0].lower()
+        found = None
+        if scheme == "bearer":
+            found = tokens.caller(header.split(" ", 1)[1].strip()) if " " in header else None
+        elif scheme == "basic":
+            found = _basic_caller(tokens, header)
+        if found is None:
+            raise HTTPException(401, "a valid token is required: Authorization: Bearer <token>",
+                                headers={"WWW-Authenticate": 'Bearer realm="farm"'})
+        return found
+
+    # Declared for the OpenAPI document (the "Authorize" button at /docs); `caller` reads the header.
+    def documented(request: Request, _b: HTTPAuthorizationCredentials | None = Depends(bearer),
+                   _u: HTTPBasicCredentials | None = Depends(basic)) -> Caller:
+        return caller(request)
+
+    return documented
+
+
+def _basic_caller(tokens: TokenBook, header: str) -> Caller | None:
+    try:
+        user, _, token = base64.b64decode(header.split(" ", 1)[1], validate=True).decode().partition(":")
+    except (IndexError, binascii.Error, UnicodeDecodeError):
+        return None
+    found = tokens.caller(token)
+    return found if found is not None and found.user == user else None
+
+
+# --- errors: one shape, the field named ---------------------------------------------------
+
+def _problems(e: SpecError) -> list[dict]:
+    return [{"loc": ["body", *field.split(".")], "field": field, "msg": reason, "type": "spec"}
+            for field, reason in e.problems]
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SpecError)
+    async def spec_error(_request, e: SpecError):
+        return JSONResponse({"detail": _problems(e)}, status_code=422)
+
+    @app.exception_handler(JobNotFound)
+    async def not_found(_request, e: JobNotFound):
+        return JSONResponse({"detail": str(e)}, status_code=404)
+
+    @app.exception_handler(JobStateError)
+    async def conflict(_request, e: JobStateError):
+        return JSONResponse({"detail": str(e)}, status_code=409)
+
+    @app.exception_handler(BrokerUnavailable)
+    @app.exception_handler(StoreUnavailable)
+    async def unavailable(_request, e: Exception):
+        return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": "5"})
+
+
+def _add_body_limit(app: FastAPI, limit: int) -> None:
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+        return await call_next(request)
+
+
+# --- the job spec over HTTP ---------------------------------------------------------------
+
+def spec_from_request(data: Any, settings: Settings, folder: Path):
+    """A JobSpec from a request body. Validated as `farm submit` validates a file, with what a
+    remote client may not do refused: naming files on the server (prompts_file, local image
+    paths, model paths outside the operator's model folder). Init images and masks come as
+    base64 (or a data: URL), written to `folder` for the submission to upload, or as store: keys."""
+    if not isinstance(data, dict):
+        raise SpecError.single("spec", f"must be a JSON object, got {type(data).__name__}")
+    data = dict(data)
+    problems: list[tuple[str, str]] = []
+    for field in _LOCAL_ONLY:
+        if field in data:
+            problems.append((field, "names a file on the server; send the values themselves"))
+    for field in ("model", "vae"):
+        _check_model_name(data.get(field), field, settings, problems)
+    for field in ("init_image", "mask"):
+        value = data.get(field)
+        if isinstance(value, list):
+            data[field] = [_image_ref(v, f"{field}[{i}]", folder, problems) for i, v in enumerate(value)]
+        elif value is not None:
+            data[field] = _image_ref(value, field, folder, problems)
+    if problems:
+        raise SpecError(problems)
+    return parse_spec(data, base_dir=settings.model_dir or folder, allow_pickle=settings.allow_pickle)
+
+
+def _check_model_name(value: Any, field: str, settings: Settings, problems: list) -> None:
+    if not isinstance(value, str) or (field == "model" and value in BUILTIN_MODELS):
+        return  # absent, or not a string: the spec's own validation names the problem
+    if settings.model_dir is None:
+        problems.append((field, f"this server offers only the built-in models ({', '.join(BUILTIN_MODELS)}); "
+                                "the operator sets FARM_MODEL_DIR for more"))
+    elif not _MODEL_NAME.fullmatch(value) or ".." in Path(value).parts or value.startswith("/"):
+        problems.append((field, "must name a model below the server's model folder (no absolute paths, no ..)"))
+
+
+def _image_ref(value: Any, field: str, folder: Path, problems: list) -> Any:
+    if not isinstance(value, str) or value.startswith(STORE_PREFIX):
+        return value
+    try:
+        data = base64.b64decode(_DATA_URL.sub("", value, count=1), validate=True)
+    except (binascii.Error, ValueError):
+        problems.append((field, "must be base64 image data (or a data: URL) or a store: key"))
+        return value
+    path = folder / f"{field.replace('[', '-').rstrip(']')}.img"
+    path.write_bytes(data)
+    return str(path)
+
+
+# --- the routes -----------------------------------------------------------------------------
+
+def _routes(settings: Settings, board: JobBoard, store: Store, caller):
+    router = APIRouter(prefix="/v1")
+
+    def visible(job_id: str, who: Caller) -> JobHeader:
+        """The job's header if the caller may see it; JobNotFound (404) otherwise, unknown or not."""
+        try:
+            keys.check_job_id(job_id)
+        except ValueError:
+            raise JobNotFound(f"no job {job_id!r}") from None
+        header = board.header(job_id)
+        if not who.may_see(header.user):
+            raise JobNotFound(f"no job {job_id!r} in Redis")
+        return header
+
+    @router.post("/jobs", status_code=201, summary="Submit a job (the same fields as a TOML spec)")
+    def create_job(spec: dict[str, Any] = Body(..., examples=[{"prompts": ["a red circle"], "seeds": [1, 2]}]),
+                   who: Caller = Depends(caller)) -> dict:
+        with tempfile.TemporaryDirectory(prefix="farm-api-") as folder:
+            job = spec_from_request(spec, settings, Path(folder))
+            waiting = board.waiting_items(who.user)
+            if waiting + job.item_count > settings.api_max_queued:
+                raise HTTPException(429, f"{who.user} has {waiting} items waiting; this job's {job.item_count} "
+                                         f"would pass the limit of {settings.api_max_queued}")
+            submitted = submit(job, settings, user=who.user, store=store)
+        return {"id": submitted.job_id, "items": submitted.items, "chunks": submitted.chunks,
+                "state": JobState.QUEUED.value}
+
+    @router.get("/jobs", summary="The caller's jobs, newest first (an admin's: everyone's)")
+    def list_jobs(state: JobState | None = None, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
+                  who: Caller = Depends(caller)) -> dict:
+        headers = board.listing(None if who.admin else who.user, offset=offset, limit=limit, state=state)
+        return {"jobs": [board.status(h.job_id).summary() for h in headers], "offset": offset, "limit": limit}
+
+    @router.get("/jobs/{job_id}", summary="A job's state, counts, queue position, ETA and failed items")
+    def get_job(job_id: str, who: Caller = Depends(caller)) -> dict:
+        header = visible(job_id, who)
+        return {**board.status(job_id).summary(), "queue_position": board.queue_position(header)}
+
+    @router.patch("/jobs/{job_id}", summary="Change a job's priority (-100..100)")
+    def patch_job(job_id: str, change: dict[str, Any] = Body(..., examples=[{"priority": 10}]),
+                  who: Caller = Depends(caller)) -> dict:
+        visible(job_id, who)
+        unknown = sorted(set(change) - {"priority"})
+        priority = change.get("priority")
+        if unknown or not isinstance(priority, int) or isinstance(priority, bool) or not -100 <= priority <= 100:
+            field = unknown[0] if unknown else "priority"
+            raise SpecError.single(field, "only priority can change, an integer from -100 to 100")
+        control.set_priority(board, job_id, priority)
+        return board.status(job_id).summary()
+
+    @router.post("/jobs/{job_id}/cancel", summary="Stop a job for good; what is stored stays")
+    def cancel_job(job_id: str, who: Caller = Depends(caller)) -> dict:
+        visible(job_id, who)
+        control.cancel(board, store, job_id)
+        return board.status(job_id).summary()
+
+    @router.post("/jobs/{job_id}/pause", summary="Hold a job: running chunks finish, no new ones start")
+    def pause_job(job_id: str, who: Caller = Depends(caller)) -> dict:
+        visible(job_id, who)
+        control.pause(board, job_id)
+        return board.status(job_id).summary()
+
+    @router.post("/jobs/{job_id}/resume", summary="Resume a paused job")
+    def resume_job(job_id: str, who: Caller = Depends(caller)) -> dict:
+        header = visible(job_id, who)
+        if header.state is not JobState.PAUSED:
+            raise JobStateError(f"job {job_id} is {header.state.value}; only a paused job resumes")
+        control.resume(board, store, job_id)
+        return board.status(job_id).summary()
+
+    @router.get("/jobs/{job_id}/items", summary="The job's items: done ones with their records and image URLs")
+    def job_items(job_id: str, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000),
+                  who: Caller = Depends(caller)) -> dict:
+        header = visible(job_id, who)
+        indexes = list(range(offset, min(header.total, offset + limit)))
+        done = board.done_among(job_id, indexes)
+        failures = board.status(job_id).failures
+        rows = []
+        for index in indexes:
+            row: dict[str, Any] = {"index": index, "state": "pending"}
+            if index in done:
+                record = _record(store, job_id, index)
+                row = {**row, "state": "done", "image_url": f"/v1/jobs/{job_id}/images/{index}", "record": record}
+            elif index in failures:
+                row = {**row, "state": "failed", "reason": failures[index]}
+            rows.append(row)
+        return {"items": rows, "offset": offset, "limit": limit, "total": header.total}
+
+    @router.get("/jobs/{job_id}/images/{index}", summary="One stored image (PNG, with its parameters)",
+                response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def job_image(job_id: str, index: int, who: Caller = Depends(caller)) -> Response:
+        header = visible(job_id, who)
+        if not 0 <= index < header.total:
+            raise HTTPException(404, f"job {job_id} has items 0..{header.total - 1}")
+        record = _record(store, job_id, index)
+        if record is None:
+            raise HTTPException(404, f"item {index} of job {job_id} is not stored (yet)")
+        return Response(store.get(record["key"]), media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @router.get("/events", summary="Server-sent events: the caller's jobs as they change (event: job)",
+                response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+    async def events(request: Request, who: Caller = Depends(caller)) -> StreamingResponse:
+        changes = JobChanges(board, None if who.admin else who.user)
+
+        async def stream():
+            yield ": farm job events\n\n"
+            while not await request.is_disconnected():
+                for summary in await run_in_threadpool(changes.poll):
+                    yield f"event: job\nid: {summary['job']}\ndata: {json.dumps(summary)}\n\n"
+                await asyncio.sleep(EVENTS_INTERVAL)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @router.get("/workers", summary="The pool's workers: host, GPU, models held, current chunk, pace")
+    def workers(_who: Caller = Depends(caller)) -> dict:
+        now = time.time()
+        views = pool.read(board.redis, settings.queue)
+        return {"workers": [w.summary(now) for w in views], "model_loads": sum(w.loads for w in views)}
+
+    return router
+
+
+class JobChanges:
+    """What changed in a user's jobs since the last poll: every unfinished job at the first poll,
+    then each job whose state or counts moved (a job that ends is sent once more, finished)."""
+
+    #: The newest jobs looked at each poll.
+    WINDOW = 100
+
+    def __init__(self, board: JobBoard, user: str | None):
+        self.board, self.user = board, user
+        self.seen: dict[str, tuple] | None = None
+
+    def poll(self) -> list[dict]:
+        first, seen = self.seen is None, self.seen or {}
+        changed = []
+        for header in self.board.listing(self.user, limit=self.WINDOW):
+            if seen.get(header.job_id) == _ENDED or (first and header.finished):
+                seen[header.job_id] = _ENDED  # sent once when it ended, or history when we came
+                continue
+            summary = self.board.status(header.job_id).summary()
+            ended = JobState(summary["state"]).finished
+            mark = _ENDED if ended else tuple(summary[k] for k in ("state", "done", "failed", "progress"))
+            if seen.get(header.job_id) != mark:
+                changed.append(summary)
+            seen[header.job_id] = mark
+        self.seen = seen
+        return changed
+
+
+_ENDED = ("ended",)
+
+
+def _record(store: Store, job_id: str, index: int) -> dict | None:
+    try:
+        return json.loads(store.get(keys.record(job_id, index)))
+    except KeyMissing:
+        return None
+
