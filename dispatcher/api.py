@@ -18,7 +18,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -30,13 +30,13 @@ from fastapi.security import (
     HTTPBearer,
 )
 
-from dispatcher import control
-from dispatcher.submit import default_user, submit
-from farm import __version__, keys, pool
+from dispatcher import control, webui
+from dispatcher.submit import Submitted, default_user, submit
+from farm import __version__, infotext, keys, png, pool, samplers
 from farm.errors import BrokerUnavailable, JobNotFound, SpecError, StoreUnavailable
 from farm.jobs import JobBoard, JobHeader, JobState, JobStateError
 from farm.settings import Settings
-from farm.spec import BUILTIN_MODELS, STORE_PREFIX, parse_spec
+from farm.spec import BUILTIN_MODELS, STORE_PREFIX, HiresUpscaler, JobSpec, parse_spec
 from farm.store import KeyMissing, Store, open_store
 from farm.tokens import Caller, TokenBook
 
@@ -56,46 +56,34 @@ def create_app(settings: Settings, *, auth: bool = True) -> FastAPI:
                   description="A render farm for Stable Diffusion: jobs, their images, the worker pool.")
     _add_error_handlers(app)
     _add_body_limit(app, settings.api_max_body)
-    app.include_router(_routes(settings, board, store, _authenticator(tokens, auth)))
+    caller = _authenticator(tokens, auth)
+    app.include_router(_routes(settings, board, store, caller))
+    app.include_router(_webui_routes(settings, board, store, caller))
     return app
 
 
 # --- who is asking ------------------------------------------------------------------------
 
 def _authenticator(tokens: TokenBook, auth: bool):
-    bearer, basic = HTTPBearer(auto_error=False), HTTPBasic(auto_error=False)
     trusted = Caller(default_user(), admin=True)
 
-    def caller(request: Request) -> Caller:
+    def caller(bearer: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False)),
+               basic: HTTPBasicCredentials | None = Depends(HTTPBasic(auto_error=False))) -> Caller:
         if not auth:
             return trusted
-        header = request.headers.get("authorization", "")
-        scheme = header.split(" ", 1)[0].lower()
         found = None
-        if scheme == "bearer":
-            found = tokens.caller(header.split(" ", 1)[1].strip()) if " " in header else None
-        elif scheme == "basic":
-            found = _basic_caller(tokens, header)
+        if bearer is not None:
+            found = tokens.caller(bearer.credentials)
+        elif basic is not None:
+            # user:token, as the webui's --api-auth takes user:password; the user must be the token's.
+            found = tokens.caller(basic.password)
+            found = found if found is not None and found.user == basic.username else None
         if found is None:
             raise HTTPException(401, "a valid token is required: Authorization: Bearer <token>",
                                 headers={"WWW-Authenticate": 'Bearer realm="farm"'})
         return found
 
-    # Declared for the OpenAPI document (the "Authorize" button at /docs); `caller` reads the header.
-    def documented(request: Request, _b: HTTPAuthorizationCredentials | None = Depends(bearer),
-                   _u: HTTPBasicCredentials | None = Depends(basic)) -> Caller:
-        return caller(request)
-
-    return documented
-
-
-def _basic_caller(tokens: TokenBook, header: str) -> Caller | None:
-    try:
-        user, _, token = base64.b64decode(header.split(" ", 1)[1], validate=True).decode().partition(":")
-    except (IndexError, binascii.Error, UnicodeDecodeError):
-        return None
-    found = tokens.caller(token)
-    return found if found is not None and found.user == user else None
+    return caller
 
 
 # --- errors: one shape, the field named ---------------------------------------------------
@@ -185,6 +173,15 @@ def _image_ref(value: Any, field: str, folder: Path, problems: list) -> Any:
 
 # --- the routes -----------------------------------------------------------------------------
 
+def _submit(settings: Settings, board: JobBoard, store: Store, who: Caller, spec: JobSpec) -> Submitted:
+    """Submit for the caller, within their share of waiting work (429 past it)."""
+    waiting = board.waiting_items(who.user)
+    if waiting + spec.item_count > settings.api_max_queued:
+        raise HTTPException(429, f"{who.user} has {waiting} items waiting; this job's {spec.item_count} "
+                                 f"would pass the limit of {settings.api_max_queued}")
+    return submit(spec, settings, user=who.user, store=store)
+
+
 def _routes(settings: Settings, board: JobBoard, store: Store, caller):
     router = APIRouter(prefix="/v1")
 
@@ -203,12 +200,7 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
     def create_job(spec: dict[str, Any] = Body(..., examples=[{"prompts": ["a red circle"], "seeds": [1, 2]}]),
                    who: Caller = Depends(caller)) -> dict:
         with tempfile.TemporaryDirectory(prefix="farm-api-") as folder:
-            job = spec_from_request(spec, settings, Path(folder))
-            waiting = board.waiting_items(who.user)
-            if waiting + job.item_count > settings.api_max_queued:
-                raise HTTPException(429, f"{who.user} has {waiting} items waiting; this job's {job.item_count} "
-                                         f"would pass the limit of {settings.api_max_queued}")
-            submitted = submit(job, settings, user=who.user, store=store)
+            submitted = _submit(settings, board, store, who, spec_from_request(spec, settings, Path(folder)))
         return {"id": submitted.job_id, "items": submitted.items, "chunks": submitted.chunks,
                 "state": JobState.QUEUED.value}
 
@@ -306,6 +298,137 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
         return {"workers": [w.summary(now) for w in views], "model_loads": sum(w.loads for w in views)}
 
     return router
+
+
+# --- the webui's API ------------------------------------------------------------------------
+
+def _webui_routes(settings: Settings, board: JobBoard, store: Store, caller):
+    router = APIRouter(prefix="/sdapi/v1", tags=["webui"])
+
+    def model_of(who: Caller) -> str:
+        chosen = board.redis.hget(keys.webui_options(who.user), "sd_model_checkpoint")
+        return chosen.decode() if chosen else JobSpec.model_fields["model"].default
+
+    def render(body: Any, mode: str, who: Caller) -> dict:
+        try:
+            fields = webui.request_fields(body, mode)
+            with tempfile.TemporaryDirectory(prefix="farm-webui-") as folder:
+                spec = spec_from_request(webui.job_spec(fields, mode, model=model_of(who)), settings, Path(folder))
+                submitted = _submit(settings, board, store, who, spec)
+        except SpecError as e:
+            raise webui.webui_problems(e) from None
+        board.redis.set(keys.webui_current(who.user), submitted.job_id, ex=keys.FINISHED_JOB_TTL)
+        while not board.wait_ended(submitted.job_id, 30):
+            pass
+        status = board.status(submitted.job_id)
+        pictures = [store.get(r["key"]) for i in range(status.total)
+                    if (r := _record(store, submitted.job_id, i)) is not None]
+        if not pictures and status.failures:
+            return JSONResponse({"error": "RenderError", "detail": status.failures[min(status.failures)],
+                                 "errors": {str(k): v for k, v in status.failures.items()}}, status_code=500)
+        return webui.answer(fields, pictures, job_id=submitted.job_id)
+
+    @router.post("/txt2img", summary="The webui's txt2img, spread over the pool")
+    def txt2img(body: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> dict:
+        return render(body, "txt2img", who)
+
+    @router.post("/img2img", summary="The webui's img2img and inpaint, spread over the pool")
+    def img2img(body: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> dict:
+        return render(body, "img2img", who)
+
+    def current(who: Caller) -> str | None:
+        job_id = board.redis.get(keys.webui_current(who.user))
+        return job_id.decode() if job_id and board.exists(job_id.decode()) else None
+
+    @router.get("/progress", summary="Progress of the caller's last txt2img/img2img call")
+    def progress(who: Caller = Depends(caller)) -> dict:
+        job_id = current(who)
+        idle = {"skipped": False, "interrupted": False, "job": "", "job_count": 0, "job_timestamp": "0",
+                "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+        if job_id is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": idle, "current_image": None, "textinfo": None}
+        s = board.status(job_id).summary()
+        live = not JobState(s["state"]).finished
+        return {"progress": s["progress"] if live else 0.0, "eta_relative": s["eta_seconds"] or 0.0,
+                "state": {**idle, "interrupted": s["state"] == JobState.CANCELLED.value, "job": job_id if live else "",
+                          "job_count": s["total"] if live else 0, "job_no": s["done"] + s["failed"]},
+                "current_image": None, "textinfo": None}
+
+    @router.post("/interrupt", summary="Stop the caller's running txt2img/img2img; what is stored is answered")
+    def interrupt(who: Caller = Depends(caller)) -> dict:
+        job_id = current(who)
+        if job_id and not board.status(job_id).finished:
+            control.cancel(board, store, job_id)
+        return {}
+
+    @router.post("/skip", summary="Not offered: the farm renders a call's batches at once, on many workers")
+    def skip(_who: Caller = Depends(caller)) -> Response:
+        return JSONResponse({"detail": "skip is not offered: a call's batches render at once on the pool; "
+                                       "use /sdapi/v1/interrupt"}, status_code=501)
+
+    @router.get("/samplers")
+    def samplers_list(_who: Caller = Depends(caller)) -> list[dict]:
+        return [{"name": name, "aliases": [], "options": {}} for name in samplers.SAMPLERS]
+
+    @router.get("/schedulers")
+    def schedulers(_who: Caller = Depends(caller)) -> list[dict]:
+        return [{"name": s.value.lower(), "label": s.value, "aliases": None, "default_rho": -1,
+                 "need_inner_model": False} for s in samplers.ScheduleType]
+
+    @router.get("/sd-models")
+    def sd_models(_who: Caller = Depends(caller)) -> list[dict]:
+        return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
+                for name in _model_names(settings)]
+
+    @router.get("/sd-vae")
+    def sd_vae(_who: Caller = Depends(caller)) -> list[dict]:
+        return []
+
+    @router.get("/upscalers")
+    def upscalers(_who: Caller = Depends(caller)) -> list[dict]:
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
+                for name in get_args(HiresUpscaler)]
+
+    @router.get("/options")
+    def get_options(who: Caller = Depends(caller)) -> dict:
+        return {"sd_model_checkpoint": model_of(who), "CLIP_stop_at_last_layers": 1, "samples_format": "png"}
+
+    @router.post("/options", summary="Set the caller's sd_model_checkpoint (the only option the farm keeps)")
+    def set_options(body: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> dict:
+        unknown = sorted(set(body) - {"sd_model_checkpoint"})
+        if unknown:
+            raise SpecError([(k, "the farm keeps only sd_model_checkpoint") for k in unknown])
+        model = body.get("sd_model_checkpoint")
+        if model is not None:
+            if model not in _model_names(settings):
+                raise SpecError.single("sd_model_checkpoint", f"no model {model!r}; see /sdapi/v1/sd-models")
+            board.redis.hset(keys.webui_options(who.user), "sd_model_checkpoint", model)
+        return {}
+
+    @router.post("/png-info", summary="An image's generation parameters, parsed as the webui's PNG Info does")
+    def png_info(body: dict[str, Any] = Body(...), _who: Caller = Depends(caller)) -> dict:
+        image = body.get("image")
+        try:
+            data = base64.b64decode(_DATA_URL.sub("", image or "", count=1), validate=True)
+            text = png.read_parameters(data)
+        except (binascii.Error, ValueError, OSError):
+            raise SpecError.single("image", "must be a base64 PNG") from None
+        if text is None:
+            return {"info": "", "items": {}, "parameters": {}}
+        return {"info": text, "items": {"parameters": text}, "parameters": infotext.parse(text)}
+
+    return router
+
+
+def _model_names(settings: Settings) -> list[str]:
+    """The built-ins, then the checkpoints and diffusers folders in the operator's model folder."""
+    names = list(BUILTIN_MODELS)
+    folder = settings.model_dir
+    if folder and folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.suffix == ".safetensors" or (path / "model_index.json").exists():
+                names.append(path.name)
+    return names
 
 
 class JobChanges:

@@ -83,6 +83,16 @@ def webhook(delivery_id: str) -> str:
     return f"{PREFIX}:webhook:{delivery_id}"
 
 
+def webui_current(user: str) -> str:
+    """String: the job a user's last /sdapi/v1 txt2img or img2img call made (progress, interrupt)."""
+    return f"{PREFIX}:webui:{user}:current"
+
+
+def webui_options(user: str) -> str:
+    """Hash: a user's /sdapi/v1/options (the farm keeps sd_model_checkpoint, per user)."""
+    return f"{PREFIX}:webui:{user}:options"
+
+
 #: Hash: SHA-256 of an API token -> JSON {user, admin, created}. Tokens themselves are
 #: never stored.
 TOKENS = f"{PREFIX}:tokens"
