@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, get_args
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Body, Cookie, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import (
@@ -31,12 +31,13 @@ from fastapi.security import (
 )
 
 from dispatcher import control, webui
+from dispatcher.dashboard import COOKIE, dashboard_routes
 from dispatcher.submit import Submitted, default_user, submit
 from farm import __version__, infotext, keys, png, pool, samplers
 from farm.errors import BrokerUnavailable, JobNotFound, SpecError, StoreUnavailable
 from farm.jobs import JobBoard, JobHeader, JobState, JobStateError
 from farm.settings import Settings
-from farm.spec import BUILTIN_MODELS, STORE_PREFIX, HiresUpscaler, JobSpec, parse_spec
+from farm.spec import BUILTIN_MODELS, STORE_PREFIX, HiresUpscaler, JobSpec, decode_spec, parse_spec
 from farm.store import KeyMissing, Store, open_store
 from farm.tokens import Caller, TokenBook
 
@@ -46,6 +47,8 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9._-][A-Za-z0-9._ /-]{0,199}")
 _DATA_URL = re.compile(r"data:[\w/+.-]+;base64,", re.I)
 #: Seconds between two looks at the caller's jobs for /v1/events.
 EVENTS_INTERVAL = 1.0
+#: Seconds between two looks at a webui call's job while the call waits for it.
+WEBUI_POLL = 0.2
 
 
 def create_app(settings: Settings, *, auth: bool = True) -> FastAPI:
@@ -59,6 +62,7 @@ def create_app(settings: Settings, *, auth: bool = True) -> FastAPI:
     caller = _authenticator(tokens, auth)
     app.include_router(_routes(settings, board, store, caller))
     app.include_router(_webui_routes(settings, board, store, caller))
+    app.include_router(dashboard_routes())
     return app
 
 
@@ -68,12 +72,15 @@ def _authenticator(tokens: TokenBook, auth: bool):
     trusted = Caller(default_user(), admin=True)
 
     def caller(bearer: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False)),
-               basic: HTTPBasicCredentials | None = Depends(HTTPBasic(auto_error=False))) -> Caller:
+               basic: HTTPBasicCredentials | None = Depends(HTTPBasic(auto_error=False)),
+               cookie: str | None = Cookie(None, alias=COOKIE, include_in_schema=False)) -> Caller:
         if not auth:
             return trusted
         found = None
         if bearer is not None:
             found = tokens.caller(bearer.credentials)
+        elif cookie:
+            found = tokens.caller(cookie)
         elif basic is not None:
             # user:token, as the webui's --api-auth takes user:password; the user must be the token's.
             found = tokens.caller(basic.password)
@@ -196,9 +203,18 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
             raise JobNotFound(f"no job {job_id!r} in Redis")
         return header
 
-    @router.post("/jobs", status_code=201, summary="Submit a job (the same fields as a TOML spec)")
-    def create_job(spec: dict[str, Any] = Body(..., examples=[{"prompts": ["a red circle"], "seeds": [1, 2]}]),
-                   who: Caller = Depends(caller)) -> dict:
+    @router.post("/jobs", status_code=201, summary="Submit a job: JSON with the TOML's fields, or the TOML itself "
+                                                   "(Content-Type: application/toml)",
+                 openapi_extra={"requestBody": {"content": {
+                     "application/json": {"schema": {"type": "object"},
+                                          "example": {"prompts": ["a red circle"], "seeds": [1, 2]}},
+                     "application/toml": {"schema": {"type": "string"}}}, "required": True}})
+    async def create_job(request: Request, who: Caller = Depends(caller)) -> dict:
+        raw = await request.body()
+        toml = request.headers.get("content-type", "").split(";")[0].strip() in ("application/toml", "text/plain")
+        return await run_in_threadpool(_create_job, decode_spec(raw, json_format=not toml), who)
+
+    def _create_job(spec: Any, who: Caller) -> dict:
         with tempfile.TemporaryDirectory(prefix="farm-api-") as folder:
             submitted = _submit(settings, board, store, who, spec_from_request(spec, settings, Path(folder)))
         return {"id": submitted.job_id, "items": submitted.items, "chunks": submitted.chunks,
@@ -265,6 +281,28 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
             rows.append(row)
         return {"items": rows, "offset": offset, "limit": limit, "total": header.total}
 
+    @router.get("/jobs/{job_id}/items/{index}", summary="One item: its state, record and `parameters` infotext")
+    def job_item(job_id: str, index: int, who: Caller = Depends(caller)) -> dict:
+        header = visible(job_id, who)
+        if not 0 <= index < header.total:
+            raise HTTPException(404, f"job {job_id} has items 0..{header.total - 1}")
+        record = _record(store, job_id, index)
+        if record is None:
+            reason = board.status(job_id).failures.get(index)
+            return {"index": index, "state": "failed" if reason else "pending", "reason": reason}
+        return {"index": index, "state": "done", "image_url": f"/v1/jobs/{job_id}/images/{index}", "record": record,
+                "parameters": png.read_parameters(store.get(record["key"]))}
+
+    @router.get("/jobs/{job_id}/manifest", summary="The finished job's manifest (JSON lines, one record an image)",
+                response_class=Response, responses={200: {"content": {"application/jsonl": {}}}})
+    def job_manifest(job_id: str, who: Caller = Depends(caller)) -> Response:
+        visible(job_id, who)
+        try:
+            data = store.get(keys.manifest(job_id))
+        except KeyMissing:
+            raise HTTPException(404, f"job {job_id} has no manifest yet (it is written when the job ends)") from None
+        return Response(data, media_type="application/jsonl")
+
     @router.get("/jobs/{job_id}/images/{index}", summary="One stored image (PNG, with its parameters)",
                 response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def job_image(job_id: str, index: int, who: Caller = Depends(caller)) -> Response:
@@ -309,7 +347,7 @@ def _webui_routes(settings: Settings, board: JobBoard, store: Store, caller):
         chosen = board.redis.hget(keys.webui_options(who.user), "sd_model_checkpoint")
         return chosen.decode() if chosen else JobSpec.model_fields["model"].default
 
-    def render(body: Any, mode: str, who: Caller) -> dict:
+    def start(body: Any, mode: str, who: Caller) -> tuple[dict, str]:
         try:
             fields = webui.request_fields(body, mode)
             with tempfile.TemporaryDirectory(prefix="farm-webui-") as folder:
@@ -318,23 +356,30 @@ def _webui_routes(settings: Settings, board: JobBoard, store: Store, caller):
         except SpecError as e:
             raise webui.webui_problems(e) from None
         board.redis.set(keys.webui_current(who.user), submitted.job_id, ex=keys.FINISHED_JOB_TTL)
-        while not board.wait_ended(submitted.job_id, 30):
-            pass
-        status = board.status(submitted.job_id)
-        pictures = [store.get(r["key"]) for i in range(status.total)
-                    if (r := _record(store, submitted.job_id, i)) is not None]
+        return fields, submitted.job_id
+
+    async def render(body: Any, mode: str, who: Caller) -> dict:
+        fields, job_id = await run_in_threadpool(start, body, mode, who)
+        # Waited for here, not in a thread: a burst of calls must not use up the thread pool.
+        while (state := await run_in_threadpool(board.state, job_id)) is not None and not state.finished:
+            await asyncio.sleep(WEBUI_POLL)
+        return await run_in_threadpool(collect, fields, job_id)
+
+    def collect(fields: dict, job_id: str) -> dict:
+        status = board.status(job_id)
+        pictures = [store.get(r["key"]) for i in range(status.total) if (r := _record(store, job_id, i)) is not None]
         if not pictures and status.failures:
             return JSONResponse({"error": "RenderError", "detail": status.failures[min(status.failures)],
                                  "errors": {str(k): v for k, v in status.failures.items()}}, status_code=500)
-        return webui.answer(fields, pictures, job_id=submitted.job_id)
+        return webui.answer(fields, pictures, job_id=job_id)
 
     @router.post("/txt2img", summary="The webui's txt2img, spread over the pool")
-    def txt2img(body: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> dict:
-        return render(body, "txt2img", who)
+    async def txt2img(body: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> dict:
+        return await render(body, "txt2img", who)
 
     @router.post("/img2img", summary="The webui's img2img and inpaint, spread over the pool")
-    def img2img(body: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> dict:
-        return render(body, "img2img", who)
+    async def img2img(body: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> dict:
+        return await render(body, "img2img", who)
 
     def current(who: Caller) -> str | None:
         job_id = board.redis.get(keys.webui_current(who.user))

@@ -265,3 +265,16 @@ def test_farm_serve_and_farm_token_as_a_user_runs_them(farm_settings, s3_env):
         server.wait(timeout=30)
     revoked = run_farm("token", "revoke", token, env=env, timeout=60)
     assert revoked.returncode == 0 and run_farm("token", "revoke", token, env=env, timeout=60).returncode == 2
+
+
+def test_the_dashboards_login_cookie_stands_for_the_token(api, tokens):
+    page = api.get("/")
+    assert page.status_code == 200 and "EventSource('/v1/events')" in page.text
+    assert api.get("/v1/jobs").status_code == 401
+    login = api.post("/login", data={"token": tokens["ann"]}, follow_redirects=False)
+    assert login.status_code == 303
+    cookie = login.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert api.get("/v1/jobs").status_code == 200
+    api.cookies.clear()
+    assert api.get("/v1/jobs").status_code == 401
