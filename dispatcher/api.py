@@ -281,12 +281,16 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
             rows.append(row)
         return {"items": rows, "offset": offset, "limit": limit, "total": header.total}
 
-    @router.get("/jobs/{job_id}/items/{index}", summary="One item: its state, record and `parameters` infotext")
-    def job_item(job_id: str, index: int, who: Caller = Depends(caller)) -> dict:
+    def item_record(job_id: str, index: int, who: Caller) -> dict | None:
+        """The item's record once it is stored; 404 for an index the job does not have."""
         header = visible(job_id, who)
         if not 0 <= index < header.total:
             raise HTTPException(404, f"job {job_id} has items 0..{header.total - 1}")
-        record = _record(store, job_id, index)
+        return _record(store, job_id, index)
+
+    @router.get("/jobs/{job_id}/items/{index}", summary="One item: its state, record and `parameters` infotext")
+    def job_item(job_id: str, index: int, who: Caller = Depends(caller)) -> dict:
+        record = item_record(job_id, index, who)
         if record is None:
             reason = board.status(job_id).failures.get(index)
             return {"index": index, "state": "failed" if reason else "pending", "reason": reason}
@@ -306,10 +310,7 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
     @router.get("/jobs/{job_id}/images/{index}", summary="One stored image (PNG, with its parameters)",
                 response_class=Response, responses={200: {"content": {"image/png": {}}}})
     def job_image(job_id: str, index: int, who: Caller = Depends(caller)) -> Response:
-        header = visible(job_id, who)
-        if not 0 <= index < header.total:
-            raise HTTPException(404, f"job {job_id} has items 0..{header.total - 1}")
-        record = _record(store, job_id, index)
+        record = item_record(job_id, index, who)
         if record is None:
             raise HTTPException(404, f"item {index} of job {job_id} is not stored (yet)")
         return Response(store.get(record["key"]), media_type="image/png",

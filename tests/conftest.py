@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -281,3 +282,30 @@ def wait_job(board, job_id: str, timeout: float = 240):
     from dispatcher.follow import follow
 
     return follow(board, job_id, timeout=timeout)
+
+
+@contextmanager
+def farm_serve(env: dict, *args: str):
+    """`farm serve` on a free port, as a user starts it; yields its URL once it answers."""
+    import httpx
+
+    from farm.embedded import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "farm.cli", "serve", "--port", str(port), *args], cwd=ROOT,
+                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(url + "/openapi.json", timeout=2).status_code == 200
+        except httpx.TransportError:
+            assert server.poll() is None, server.stderr.read().decode()
+            return False
+
+    try:
+        wait_until(up, 60, "farm serve to answer", interval=0.2)
+        yield url
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)

@@ -7,10 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -18,10 +14,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from farm import keys, png, webhooks
-from farm.embedded import free_port, wait_until
+from farm.embedded import wait_until
 from farm.jobs import JobBoard
 from farm.tokens import TokenBook
-from tests.conftest import ROOT, run_farm, wait_job
+from tests.conftest import farm_serve, run_farm, wait_job
 from tests.test_spec import BAD, VALID
 from tests.webhook_receiver import Receiver
 
@@ -227,20 +223,7 @@ def test_farm_serve_and_farm_token_as_a_user_runs_them(farm_settings, s3_env):
     created = run_farm("token", "create", "--user", "cli-user", env=env, timeout=60)
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "farm.cli", "serve", "--port", str(port)], cwd=ROOT,
-                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up():
-            try:
-                return httpx.get(url + "/openapi.json", timeout=2).status_code == 200
-            except httpx.TransportError:
-                assert server.poll() is None, server.stderr.read().decode()
-                return False
-
-        wait_until(up, 60, "farm serve to answer", interval=0.2)
+    with farm_serve(env) as url:
         assert "/v1/jobs/{job_id}" in httpx.get(url + "/openapi.json").json()["paths"]
         answer = httpx.post(url + "/v1/jobs", json=SMALL, headers=as_(token))
         assert answer.status_code == 201
@@ -260,9 +243,6 @@ def test_farm_serve_and_farm_token_as_a_user_runs_them(farm_settings, s3_env):
                     if event["state"] == "cancelled":
                         break
         assert states == ["queued", "cancelled"]
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
     revoked = run_farm("token", "revoke", token, env=env, timeout=60)
     assert revoked.returncode == 0 and run_farm("token", "revoke", token, env=env, timeout=60).returncode == 2
 

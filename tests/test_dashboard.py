@@ -8,17 +8,12 @@ the test's own folder."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
-from farm.embedded import free_port, wait_until
 from farm.tokens import TokenBook
-from tests.conftest import ROOT
+from tests.conftest import farm_serve
 
 pytestmark = pytest.mark.e2e
 
@@ -36,23 +31,8 @@ height = 64
 
 @pytest.fixture
 def served(farm_settings, s3_env, redis_client):
-    env = {**os.environ, **s3_env, **farm_settings.to_env()}
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "farm.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return httpx.get(url + "/login", timeout=2).status_code == 200
-        except httpx.TransportError:
-            assert server.poll() is None, server.stderr.read().decode()
-            return False
-
-    wait_until(up, 60, "farm serve to answer", interval=0.2)
-    yield url, TokenBook(redis_client).create("ann")
-    server.send_signal(signal.SIGINT)
-    server.wait(timeout=30)
+    with farm_serve({**s3_env, **farm_settings.to_env()}) as url:
+        yield url, TokenBook(redis_client).create("ann")
 
 
 def test_a_person_submits_a_job_watches_it_finish_and_reads_an_images_parameters(
