@@ -426,6 +426,10 @@ def _webui_routes(settings: Settings, board: JobBoard, store: Store, caller):
         return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
                 for name in _model_names(settings)]
 
+    @router.get("/scripts", summary="The webui's scripts: the farm runs none (script_name is refused)")
+    def scripts(_who: Caller = Depends(caller)) -> dict:
+        return {"txt2img": [], "img2img": []}
+
     @router.get("/sd-vae")
     def sd_vae(_who: Caller = Depends(caller)) -> list[dict]:
         return []

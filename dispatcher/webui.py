@@ -35,17 +35,25 @@ DEFAULTS: dict[str, Any] = {
 #: Fields the webui has and the farm does not run, accepted only with these (default) values.
 UNUSED: dict[str, tuple] = {
     "styles": (None, []), "restore_faces": (None, False), "tiling": (None, False),
-    "do_not_save_samples": (False,), "do_not_save_grid": (False,), "eta": (None,), "s_min_uncond": (None, 0, 0.0),
-    "s_churn": (None, 0, 0.0), "s_tmax": (None,), "s_tmin": (None, 0, 0.0), "s_noise": (None, 1, 1.0),
+    "do_not_save_samples": (False,), "do_not_save_grid": (False,), "s_min_uncond": (None, 0, 0.0),
+    # s_tmax 0 is the webui's "no limit", as None is (processing.py: `s_tmax or float('inf')`).
+    "s_churn": (None, 0, 0.0), "s_tmax": (None, 0, 0.0), "s_tmin": (None, 0, 0.0), "s_noise": (None, 1, 1.0),
     "override_settings_restore_afterwards": (True,), "refiner_checkpoint": (None, ""), "refiner_switch_at": (None,),
     "disable_extra_networks": (False,), "comments": (None, {}), "firstphase_width": (0,), "firstphase_height": (0,),
     "hr_resize_x": (0,), "hr_resize_y": (0,), "hr_checkpoint_name": (None, ""), "hr_sampler_name": (None, ""),
     "hr_scheduler": (None, ""), "hr_prompt": ("",), "hr_negative_prompt": ("",), "force_task_id": (None,),
     "script_name": (None, ""), "script_args": ([],), "alwayson_scripts": ({},), "infotext": (None, ""),
-    "image_cfg_scale": (None,), "include_init_images": (False,), "initial_noise_multiplier": (None,),
+    "include_init_images": (False,), "initial_noise_multiplier": (None, 1, 1.0),
     "latent_mask": (None,), "mask_round": (True,), "inpainting_mask_weight": (None,), "mask_blur_x": (4,),
     "mask_blur_y": (4,),
 }
+#: Fields the webui itself ignores for every model the farm runs, taken with any value:
+#: image_cfg_scale is read only by instruct-pix2pix models.
+IGNORED = {"image_cfg_scale"}
+#: The webui's eta when a request leaves it out: eta_ddim for DDIM, eta_ancestral for the
+#: ancestral samplers (the others never read it). Only that value is taken.
+DEFAULT_ETA = {"DDIM": 0.0}
+ANCESTRAL_ETA = 1.0
 #: override_settings keys the farm honours, and the spec field each sets.
 OVERRIDES = {"sd_model_checkpoint": "model", "CLIP_stop_at_last_layers": "clip_skip"}
 SCHEDULE_LABELS = {s.value.lower(): s.value for s in ScheduleType}
@@ -68,7 +76,10 @@ def request_fields(body: Any, mode: str) -> dict[str, Any]:
         raise SpecError.single("body", "must be a JSON object")
     problems = []
     for name, value in body.items():
-        if name in DEFAULTS:
+        if name in DEFAULTS or name in IGNORED:
+            continue
+        if name == "eta":
+            problems.extend(_eta_problems(value, body.get("sampler_name") or body.get("sampler_index")))
             continue
         if name in UNUSED:
             if value not in UNUSED[name]:
@@ -86,6 +97,14 @@ def request_fields(body: Any, mode: str) -> dict[str, Any]:
     if mode == "img2img" and fields["denoising_strength"] is None:
         fields["denoising_strength"] = 0.75
     return fields
+
+
+def _eta_problems(eta: Any, sampler: Any) -> list[tuple[str, str]]:
+    default = DEFAULT_ETA.get(str(sampler), ANCESTRAL_ETA)
+    if eta is None or (isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta == default):
+        return []
+    return [("eta", f"the farm runs {sampler or 'this sampler'} with the webui's default eta only; "
+                    f"leave it at {default} or null")]
 
 
 def _seed(value: Any, field: str) -> int:

@@ -4,18 +4,16 @@ and a real worker answering txt2img and img2img with the webui's own response.""
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from dispatcher import webui
-from farm import infotext, keys, png
+from farm import infotext, keys
 from farm.errors import SpecError
 from farm.spec import parse_spec
+from farm.tokens import TokenBook
+from tests.conftest import farm_serve
 
 #: What a generated webui client sends: every field, most at the webui's defaults.
 CLIENT_BODY = {
@@ -50,6 +48,13 @@ def test_a_full_client_body_at_the_defaults_is_taken_and_keeps_the_webuis_seeds_
         (1.5, "Latent", 3, 0.7)
 
 
+def test_the_values_other_clients_send_for_the_webuis_own_defaults_are_taken():
+    # webuiapi sends eta=1.0 (eta_ancestral), s_tmax=0 (no limit) and image_cfg_scale=1.5 always.
+    spec = spec_of({**CLIENT_BODY, "eta": 1.0, "s_tmax": 0, "image_cfg_scale": 1.5, "initial_noise_multiplier": 1})
+    assert spec.sampler == "Euler"
+    assert spec_of({**CLIENT_BODY, "sampler_name": "DDIM", "eta": 0}).sampler == "DDIM"
+
+
 def test_inpaint_fields_mean_what_they_mean_in_the_webui():
     fields = webui.request_fields({"prompt": "x", "init_images": ["store:a.png"], "mask": "store:m.png",
                                    "inpainting_fill": 2, "inpaint_full_res": False, "inpainting_mask_invert": 1,
@@ -69,6 +74,8 @@ def test_inpaint_fields_mean_what_they_mean_in_the_webui():
     ({"frobnicate": 1}, "frobnicate"),
     ({"init_images": ["store:a.png"]}, "init_images"),
     ({"n_iter": 0}, "n_iter"),
+    ({"eta": 0.5}, "eta"),
+    ({"sampler_name": "DDIM", "eta": 1.0}, "eta"),
 ])
 def test_a_field_the_farm_does_not_implement_is_refused_by_name(changes, field):
     with pytest.raises(SpecError) as refused:
@@ -87,51 +94,45 @@ def test_spec_problems_are_named_by_the_webuis_fields(changes, field):
     assert field in [f for f, _ in webui.webui_problems(refused.value).problems]
 
 
-def _png_b64(color: str) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), color).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 @pytest.mark.e2e
-def test_webui_clients_get_the_webuis_answer_from_the_pool(farm_settings, workers_factory, redis_client):
-    from dispatcher.api import create_app
+def test_a_webui_client_from_pypi_gets_the_webuis_answer_from_the_pool(farm_settings, workers_factory, s3_env,
+                                                                         redis_client):
+    """`webuiapi` (the client most webui scripts use) against `farm serve`, with its own defaults
+    for every field and HTTP Basic as with the webui's --api-auth."""
+    import httpx
+    import webuiapi
 
     workers_factory(farm_settings).start(1)
-    with TestClient(create_app(farm_settings, auth=False)) as api:
-        refused = api.post("/sdapi/v1/txt2img", json={**CLIENT_BODY, "tiling": True})
+    token = TokenBook(redis_client).create("ann")
+    with farm_serve({**s3_env, **farm_settings.to_env()}) as url:
+        refused = httpx.post(url + "/sdapi/v1/txt2img", json={**CLIENT_BODY, "tiling": True}, auth=("ann", token))
         assert refused.status_code == 422 and refused.json()["detail"][0]["field"] == "tiling"
         assert not redis_client.exists(keys.JOBS_INDEX)
 
-        answer = api.post("/sdapi/v1/txt2img", json=CLIENT_BODY)
-        assert answer.status_code == 200, answer.text
-        body = answer.json()
-        info = json.loads(body["info"])
+        client = webuiapi.WebUIApi(baseurl=url + "/sdapi/v1", sampler="Euler", steps=2, username="ann",
+                                   password=token)
+        client.util_set_model("shapes-sd")
+        assert client.util_get_current_model() == "shapes-sd"
+        assert "Euler a" in client.util_get_sampler_names() and "karras" in client.util_get_scheduler_names()
+        result = client.txt2img(prompt="a red circle", seed=5, batch_size=2, n_iter=2, width=64, height=64)
+        info = result.info
         assert info["all_seeds"] == [5, 6, 7, 8] and info["seed"] == 5
         assert info["all_prompts"] == ["a red circle"] * 4 and info["sampler_name"] == "Euler"
-        assert info["sd_model_name"] == "shapes-sd" and body["parameters"]["n_iter"] == 2
-        pictures = [base64.b64decode(b) for b in body["images"]]
-        assert [Image.open(io.BytesIO(p)).size for p in pictures] == [(64, 64)] * 4
-        assert info["infotexts"] == [png.read_parameters(p) for p in pictures]
+        assert info["sd_model_name"] == "shapes-sd" and result.parameters["n_iter"] == 2
+        assert [image.size for image in result.images] == [(64, 64)] * 4
+        assert info["infotexts"] == [image.info["parameters"] for image in result.images]
         assert [infotext.parse(t)["Seed"] for t in info["infotexts"]] == ["5", "6", "7", "8"]
-        assert len(set(pictures)) == 4
-        header = api.get(f"/v1/jobs/{info['farm_job']}").json()
+        assert len({image.tobytes() for image in result.images}) == 4
+        header = httpx.get(f"{url}/v1/jobs/{info['farm_job']}", auth=("ann", token)).json()
         assert (header["lane"], header["total"], header["state"]) == ("interactive", 4, "done")
 
-        read = api.post("/sdapi/v1/png-info", json={"image": body["images"][2]}).json()
-        assert read["info"] == info["infotexts"][2] and read["parameters"]["Seed"] == "7"
-        assert api.get("/sdapi/v1/progress").json()["state"]["job"] == ""
+        read = client.png_info(result.images[2])
+        assert read.info == info["infotexts"][2] and read.parameters["Seed"] == "7"
+        assert client.get_progress()["state"]["job"] == ""
 
-        assert api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 422
-        assert api.post("/sdapi/v1/options", json={"sd_model_checkpoint": "shapes-sd"}).status_code == 200
-        assert api.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "shapes-sd"
-        assert "Euler a" in [s["name"] for s in api.get("/sdapi/v1/samplers").json()]
-        assert "shapes-sd" in [m["title"] for m in api.get("/sdapi/v1/sd-models").json()]
-
-        again = api.post("/sdapi/v1/img2img", json={
-            "prompt": "a blue square", "init_images": [_png_b64("red")], "denoising_strength": 0.6, "seed": 9,
-            "steps": 4, "width": 64, "height": 64, "sampler_name": "Euler", "send_images": True})
-        assert again.status_code == 200, again.text
-        info = json.loads(again.json()["info"])
-        assert info["all_seeds"] == [9] and info["denoising_strength"] == 0.6
-        assert infotext.parse(info["infotexts"][0])["Denoising strength"] == "0.6"
+        again = client.img2img(images=[Image.new("RGB", (64, 64), "red")], prompt="a blue square",
+                               denoising_strength=0.6, seed=9, steps=4, width=64, height=64)
+        assert again.info["all_seeds"] == [9] and again.info["denoising_strength"] == 0.6
+        assert infotext.parse(again.info["infotexts"][0])["Denoising strength"] == "0.6"
+        with pytest.raises(RuntimeError, match="eta"):
+            client.txt2img(prompt="x", sampler_name="DDIM", steps=2, width=64, height=64)  # its eta=1.0
