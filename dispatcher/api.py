@@ -119,13 +119,46 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": "5"})
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuses a request body over `limit` bytes with 413: at once when its Content-Length says
+    so, and, for a chunked body, as soon as the bytes read pass the limit (never read whole)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge()
+            return message
+
+        return await self.app(scope, counted, send)
+
+    async def _refuse(self, send) -> None:
+        await JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)(
+            {"type": "http"}, None, send)
+
+
 def _add_body_limit(app: FastAPI, limit: int) -> None:
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=limit)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_request, _e):
+        return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
 
 
 # --- the job spec over HTTP ---------------------------------------------------------------

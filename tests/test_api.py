@@ -18,6 +18,7 @@ from farm.embedded import wait_until
 from farm.jobs import JobBoard
 from farm.tokens import TokenBook
 from tests.conftest import farm_serve, run_farm, wait_job
+from tests.mutations import BASE, mutations
 from tests.test_spec import BAD, VALID
 from tests.webhook_receiver import Receiver
 
@@ -77,6 +78,29 @@ def test_a_bad_spec_answers_422_naming_the_field_and_nothing_is_queued(api, toke
         reason = "built-in models"
     assert any(p["field"] == field and reason in p["msg"] for p in problems), problems
     assert _nothing_written(redis_client, s3_server, bucket)
+
+
+def test_every_mutation_of_a_valid_body_is_refused_naming_its_field_and_nothing_is_queued(
+        farm_settings, tokens, redis_client, s3_server, bucket):
+    from dispatcher.api import create_app
+
+    api = TestClient(create_app(farm_settings.with_overrides(webhook_secret="team-secret")))
+    cases = list(mutations())
+    assert len(cases) >= 100
+    wrong = []
+    for what, field, body in cases:
+        answer = api.post("/v1/jobs", json=body, headers=as_(tokens["ann"]))
+        named = [p["field"] for p in answer.json()["detail"]] if answer.status_code == 422 else []
+        if answer.status_code != 422 or not any(f == field or f.startswith((field + ".", field + "["))
+                                                for f in named):
+            wrong.append((what, answer.status_code, named or answer.text[:200]))
+    assert wrong == []
+    assert _nothing_written(redis_client, s3_server, bucket)
+    for body in (b"[1, 2]", b'"a spec"', b"{", b'{"prompts": ["x"],}', b"\xff\xfe"):
+        answer = api.post("/v1/jobs", content=body, headers={**as_(tokens["ann"]), "content-type": "application/json"})
+        assert answer.status_code == 422 and answer.json()["detail"][0]["field"] in ("spec", "body"), (body, answer.text)
+    assert _nothing_written(redis_client, s3_server, bucket)
+    assert api.post("/v1/jobs", json=BASE, headers=as_(tokens["ann"])).status_code == 201
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -177,6 +201,14 @@ def test_a_body_over_the_limit_answers_413_and_too_much_waiting_work_429(farm_se
     with TestClient(create_app(farm_settings.with_overrides(api_max_body=1000, api_max_queued=5))) as client:
         answer = client.post("/v1/jobs", content=b"{" + b" " * 2000 + b"}", headers={
             **as_(tokens["ann"]), "content-type": "application/json"})
+        assert answer.status_code == 413
+
+        def chunked():
+            for _ in range(10):
+                yield b" " * 500
+
+        answer = client.post("/v1/jobs", content=chunked(), headers={**as_(tokens["ann"]),
+                                                                     "content-type": "application/json"})
         assert answer.status_code == 413
         four = {**SMALL, "seeds": [1, 2, 3, 4]}
         assert client.post("/v1/jobs", json=four, headers=as_(tokens["ann"])).status_code == 201
