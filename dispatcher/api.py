@@ -20,8 +20,18 @@ import time
 from pathlib import Path
 from typing import Any, get_args
 
-from fastapi import APIRouter, Body, Cookie, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import (
+    APIRouter,
+    Body,
+    Cookie,
+    Depends,
+    FastAPI,
+    HTTPException,
+    Query,
+    Request,
+)
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import (
     HTTPAuthorizationCredentials,
@@ -29,6 +39,7 @@ from fastapi.security import (
     HTTPBasicCredentials,
     HTTPBearer,
 )
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dispatcher import control, webui
 from dispatcher.dashboard import COOKIE, dashboard_routes
@@ -37,7 +48,14 @@ from farm import __version__, infotext, keys, png, pool, samplers
 from farm.errors import BrokerUnavailable, JobNotFound, SpecError, StoreUnavailable
 from farm.jobs import JobBoard, JobHeader, JobState, JobStateError
 from farm.settings import Settings
-from farm.spec import BUILTIN_MODELS, STORE_PREFIX, HiresUpscaler, JobSpec, decode_spec, parse_spec
+from farm.spec import (
+    BUILTIN_MODELS,
+    STORE_PREFIX,
+    HiresUpscaler,
+    JobSpec,
+    decode_spec,
+    parse_spec,
+)
 from farm.store import KeyMissing, Store, open_store
 from farm.tokens import Caller, TokenBook
 
@@ -95,6 +113,77 @@ def _authenticator(tokens: TokenBook, auth: bool):
 
 # --- errors: one shape, the field named ---------------------------------------------------
 
+class Detail(BaseModel):
+    detail: str
+
+
+class Problem(BaseModel):
+    loc: list[str | int]
+    field: str
+    msg: str
+    type: str
+
+
+class Problems(BaseModel):
+    detail: list[Problem]
+
+
+class JobChange(BaseModel):
+    """What PATCH may change: only the priority."""
+
+    model_config = ConfigDict(extra="forbid")
+    priority: int = Field(ge=-100, le=100)
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        # JSON's integers: 10 and 10.0, never true or "10".
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ValueError(f"must be an integer from -100 to 100, got {value!r}")
+        return int(value)
+
+
+class WebuiOptions(BaseModel):
+    """The webui options the farm keeps, per user: only sd_model_checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+    sd_model_checkpoint: str | None = None
+
+
+class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str
+
+
+_MEANINGS = {
+    400: "The body could not be parsed at all", 401: "No token, a wrong one or a revoked one",
+    404: "No such job, or another user's",
+    409: "The job's state does not allow it", 413: "The request body is over the limit",
+    422: "What is wrong, each problem with its field", 429: "The caller's waiting items would pass the limit",
+    501: "Not offered by the farm", 503: "Redis or the store cannot be reached (retry after a while)",
+}
+
+
+def responses(*codes: int) -> dict[int, dict]:
+    """The error answers an operation may give, for its OpenAPI description."""
+    return {code: {"model": Problems if code == 422 else Detail, "description": _MEANINGS[code]} for code in codes}
+
+
+def _job_body_schema() -> dict:
+    """JobSpec's JSON schema with its definitions inlined (OpenAPI keeps no $defs of its own)."""
+    schema = JobSpec.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return inline(schema)
+
+
 def _problems(e: SpecError) -> list[dict]:
     return [{"loc": ["body", *field.split(".")], "field": field, "msg": reason, "type": "spec"}
             for field, reason in e.problems]
@@ -104,6 +193,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SpecError)
     async def spec_error(_request, e: SpecError):
         return JSONResponse({"detail": _problems(e)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_error(_request, e: RequestValidationError):
+        # FastAPI's own (query and path parameters, typed bodies), in the same shape, the field named.
+        return JSONResponse({"detail": [
+            {"loc": list(error["loc"]), "field": ".".join(str(part) for part in error["loc"][1:]) or error["loc"][0],
+             "msg": error["msg"], "type": error["type"]} for error in e.errors()]}, status_code=422)
 
     @app.exception_handler(JobNotFound)
     async def not_found(_request, e: JobNotFound):
@@ -223,7 +319,8 @@ def _submit(settings: Settings, board: JobBoard, store: Store, who: Caller, spec
 
 
 def _routes(settings: Settings, board: JobBoard, store: Store, caller):
-    router = APIRouter(prefix="/v1")
+    router = APIRouter(prefix="/v1", responses=responses(401, 413, 503))
+    job_errors, control_errors = responses(404), responses(404, 409)
 
     def visible(job_id: str, who: Caller) -> JobHeader:
         """The job's header if the caller may see it; JobNotFound (404) otherwise, unknown or not."""
@@ -238,8 +335,8 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
 
     @router.post("/jobs", status_code=201, summary="Submit a job: JSON with the TOML's fields, or the TOML itself "
                                                    "(Content-Type: application/toml)",
-                 openapi_extra={"requestBody": {"content": {
-                     "application/json": {"schema": {"type": "object"},
+                 responses=responses(400, 422, 429), openapi_extra={"requestBody": {"content": {
+                     "application/json": {"schema": _job_body_schema(),
                                           "example": {"prompts": ["a red circle"], "seeds": [1, 2]}},
                      "application/toml": {"schema": {"type": "string"}}}, "required": True}})
     async def create_job(request: Request, who: Caller = Depends(caller)) -> dict:
@@ -259,36 +356,33 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
         headers = board.listing(None if who.admin else who.user, offset=offset, limit=limit, state=state)
         return {"jobs": [board.status(h.job_id).summary() for h in headers], "offset": offset, "limit": limit}
 
-    @router.get("/jobs/{job_id}", summary="A job's state, counts, queue position, ETA and failed items")
+    @router.get("/jobs/{job_id}", summary="A job's state, counts, queue position, ETA and failed items",
+                responses=job_errors)
     def get_job(job_id: str, who: Caller = Depends(caller)) -> dict:
         header = visible(job_id, who)
         return {**board.status(job_id).summary(), "queue_position": board.queue_position(header)}
 
-    @router.patch("/jobs/{job_id}", summary="Change a job's priority (-100..100)")
-    def patch_job(job_id: str, change: dict[str, Any] = Body(..., examples=[{"priority": 10}]),
+    @router.patch("/jobs/{job_id}", summary="Change a job's priority (-100..100)", responses=responses(400, 404, 422))
+    def patch_job(job_id: str, change: JobChange = Body(..., examples=[{"priority": 10}]),
                   who: Caller = Depends(caller)) -> dict:
         visible(job_id, who)
-        unknown = sorted(set(change) - {"priority"})
-        priority = change.get("priority")
-        if unknown or not isinstance(priority, int) or isinstance(priority, bool) or not -100 <= priority <= 100:
-            field = unknown[0] if unknown else "priority"
-            raise SpecError.single(field, "only priority can change, an integer from -100 to 100")
-        control.set_priority(board, job_id, priority)
+        control.set_priority(board, job_id, change.priority)
         return board.status(job_id).summary()
 
-    @router.post("/jobs/{job_id}/cancel", summary="Stop a job for good; what is stored stays")
+    @router.post("/jobs/{job_id}/cancel", summary="Stop a job for good; what is stored stays", responses=control_errors)
     def cancel_job(job_id: str, who: Caller = Depends(caller)) -> dict:
         visible(job_id, who)
         control.cancel(board, store, job_id)
         return board.status(job_id).summary()
 
-    @router.post("/jobs/{job_id}/pause", summary="Hold a job: running chunks finish, no new ones start")
+    @router.post("/jobs/{job_id}/pause", summary="Hold a job: running chunks finish, no new ones start",
+                 responses=control_errors)
     def pause_job(job_id: str, who: Caller = Depends(caller)) -> dict:
         visible(job_id, who)
         control.pause(board, job_id)
         return board.status(job_id).summary()
 
-    @router.post("/jobs/{job_id}/resume", summary="Resume a paused job")
+    @router.post("/jobs/{job_id}/resume", summary="Resume a paused job", responses=control_errors)
     def resume_job(job_id: str, who: Caller = Depends(caller)) -> dict:
         header = visible(job_id, who)
         if header.state is not JobState.PAUSED:
@@ -296,7 +390,8 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
         control.resume(board, store, job_id)
         return board.status(job_id).summary()
 
-    @router.get("/jobs/{job_id}/items", summary="The job's items: done ones with their records and image URLs")
+    @router.get("/jobs/{job_id}/items", summary="The job's items: done ones with their records and image URLs",
+                responses=job_errors)
     def job_items(job_id: str, offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000),
                   who: Caller = Depends(caller)) -> dict:
         header = visible(job_id, who)
@@ -321,7 +416,8 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
             raise HTTPException(404, f"job {job_id} has items 0..{header.total - 1}")
         return _record(store, job_id, index)
 
-    @router.get("/jobs/{job_id}/items/{index}", summary="One item: its state, record and `parameters` infotext")
+    @router.get("/jobs/{job_id}/items/{index}", summary="One item: its state, record and `parameters` infotext",
+                responses=job_errors)
     def job_item(job_id: str, index: int, who: Caller = Depends(caller)) -> dict:
         record = item_record(job_id, index, who)
         if record is None:
@@ -331,7 +427,8 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
                 "parameters": png.read_parameters(store.get(record["key"]))}
 
     @router.get("/jobs/{job_id}/manifest", summary="The finished job's manifest (JSON lines, one record an image)",
-                response_class=Response, responses={200: {"content": {"application/jsonl": {}}}})
+                response_class=Response,
+                responses={200: {"content": {"application/jsonl": {}}}, **control_errors})
     def job_manifest(job_id: str, who: Caller = Depends(caller)) -> Response:
         visible(job_id, who)
         try:
@@ -341,7 +438,7 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
         return Response(data, media_type="application/jsonl")
 
     @router.get("/jobs/{job_id}/images/{index}", summary="One stored image (PNG, with its parameters)",
-                response_class=Response, responses={200: {"content": {"image/png": {}}}})
+                response_class=Response, responses={200: {"content": {"image/png": {}}}, **job_errors})
     def job_image(job_id: str, index: int, who: Caller = Depends(caller)) -> Response:
         record = item_record(job_id, index, who)
         if record is None:
@@ -375,7 +472,7 @@ def _routes(settings: Settings, board: JobBoard, store: Store, caller):
 # --- the webui's API ------------------------------------------------------------------------
 
 def _webui_routes(settings: Settings, board: JobBoard, store: Store, caller):
-    router = APIRouter(prefix="/sdapi/v1", tags=["webui"])
+    router = APIRouter(prefix="/sdapi/v1", tags=["webui"], responses=responses(401, 413, 503))
 
     def model_of(who: Caller) -> str:
         chosen = board.redis.hget(keys.webui_options(who.user), "sd_model_checkpoint")
@@ -407,11 +504,12 @@ def _webui_routes(settings: Settings, board: JobBoard, store: Store, caller):
                                  "errors": {str(k): v for k, v in status.failures.items()}}, status_code=500)
         return webui.answer(fields, pictures, job_id=job_id)
 
-    @router.post("/txt2img", summary="The webui's txt2img, spread over the pool")
+    @router.post("/txt2img", summary="The webui's txt2img, spread over the pool", responses=responses(400, 422, 429))
     async def txt2img(body: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> dict:
         return await render(body, "txt2img", who)
 
-    @router.post("/img2img", summary="The webui's img2img and inpaint, spread over the pool")
+    @router.post("/img2img", summary="The webui's img2img and inpaint, spread over the pool",
+                 responses=responses(400, 422, 429))
     async def img2img(body: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> dict:
         return await render(body, "img2img", who)
 
@@ -440,7 +538,8 @@ def _webui_routes(settings: Settings, board: JobBoard, store: Store, caller):
             control.cancel(board, store, job_id)
         return {}
 
-    @router.post("/skip", summary="Not offered: the farm renders a call's batches at once, on many workers")
+    @router.post("/skip", summary="Not offered: the farm renders a call's batches at once, on many workers",
+                 responses=responses(501))
     def skip(_who: Caller = Depends(caller)) -> Response:
         return JSONResponse({"detail": "skip is not offered: a call's batches render at once on the pool; "
                                        "use /sdapi/v1/interrupt"}, status_code=501)
@@ -476,23 +575,21 @@ def _webui_routes(settings: Settings, board: JobBoard, store: Store, caller):
     def get_options(who: Caller = Depends(caller)) -> dict:
         return {"sd_model_checkpoint": model_of(who), "CLIP_stop_at_last_layers": 1, "samples_format": "png"}
 
-    @router.post("/options", summary="Set the caller's sd_model_checkpoint (the only option the farm keeps)")
-    def set_options(body: dict[str, Any] = Body(...), who: Caller = Depends(caller)) -> dict:
-        unknown = sorted(set(body) - {"sd_model_checkpoint"})
-        if unknown:
-            raise SpecError([(k, "the farm keeps only sd_model_checkpoint") for k in unknown])
-        model = body.get("sd_model_checkpoint")
+    @router.post("/options", summary="Set the caller's sd_model_checkpoint (the only option the farm keeps)",
+                 responses=responses(400, 422))
+    def set_options(body: WebuiOptions, who: Caller = Depends(caller)) -> dict:
+        model = body.sd_model_checkpoint
         if model is not None:
             if model not in _model_names(settings):
                 raise SpecError.single("sd_model_checkpoint", f"no model {model!r}; see /sdapi/v1/sd-models")
             board.redis.hset(keys.webui_options(who.user), "sd_model_checkpoint", model)
         return {}
 
-    @router.post("/png-info", summary="An image's generation parameters, parsed as the webui's PNG Info does")
-    def png_info(body: dict[str, Any] = Body(...), _who: Caller = Depends(caller)) -> dict:
-        image = body.get("image")
+    @router.post("/png-info", summary="An image's generation parameters, parsed as the webui's PNG Info does",
+                 responses=responses(400, 422))
+    def png_info(body: PngInfoRequest, _who: Caller = Depends(caller)) -> dict:
         try:
-            data = base64.b64decode(_DATA_URL.sub("", image or "", count=1), validate=True)
+            data = base64.b64decode(_DATA_URL.sub("", body.image, count=1), validate=True)
             text = png.read_parameters(data)
         except (binascii.Error, ValueError, OSError):
             raise SpecError.single("image", "must be a base64 PNG") from None

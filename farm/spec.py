@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from pydantic_core import core_schema
+
 from farm import checkpoints, samplers
 from farm.errors import ModelError, SpecError
 
@@ -77,13 +79,23 @@ _INPAINT_FIELDS = ("mask", "mask_blur", "masked_content", "inpaint_area", "paddi
 _TXT2IMG_ONLY = ("hires",)
 
 
-def _range(lo: int, hi: int):
-    def check(value):
-        if not lo <= value <= hi:
-            raise ValueError(f"must be {lo}-{hi}, got {value!r}")
+class _Range:
+    """A value within lo..hi, refused with the spec's own wording; published in the JSON schema
+    as minimum and maximum."""
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = lo, hi
+
+    def _check(self, value):
+        if not self.lo <= value <= self.hi:
+            raise ValueError(f"must be {self.lo}-{self.hi}, got {value!r}")
         return value
 
-    return AfterValidator(check)
+    def __get_pydantic_core_schema__(self, source, handler):
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema, handler):
+        return {**handler(schema), "minimum": self.lo, "maximum": self.hi}
 
 
 def _not_empty(what: str):
@@ -179,15 +191,15 @@ def _job_name(value: str) -> str:
     return value
 
 
-Steps = Annotated[int, _range(1, 150)]
-Strength = Annotated[float, _range(0, 1)]
-MaskBlur = Annotated[int, _range(0, 64)]
-ClipSkip = Annotated[int, _range(1, 12)]
+Steps = Annotated[int, _Range(1, 150)]
+Strength = Annotated[float, _Range(0, 1)]
+MaskBlur = Annotated[int, _Range(0, 64)]
+ClipSkip = Annotated[int, _Range(1, 12)]
 ResizeModeValue = Annotated[Union[int, str], AfterValidator(_resize_mode)]
 MaskedContent = Literal["fill", "original", "latent noise", "latent nothing"]
 ImageRef = Annotated[str, AfterValidator(lambda v: _nonempty_text(v, "a path or a store: key"))]
-CfgScale = Annotated[float, _range(1, 30)]
-Side = Annotated[int, _range(64, 2048), AfterValidator(_multiple_of_8)]
+CfgScale = Annotated[float, _Range(1, 30)]
+Side = Annotated[int, _Range(64, 2048), AfterValidator(_multiple_of_8), Field(json_schema_extra={"multipleOf": 8})]
 Seed = Annotated[int, AfterValidator(_seed)]
 Prompt = Annotated[str, AfterValidator(_prompt)]
 SamplerName = Annotated[str, AfterValidator(_sampler_name)]
@@ -200,7 +212,7 @@ _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 class SeedRange(BaseModel):
     model_config = _STRICT
     start: Seed
-    count: Annotated[int, _range(1, MAX_ITEMS)]
+    count: Annotated[int, _Range(1, MAX_ITEMS)]
 
 
 #: The webui's hires upscalers that farm runs: latent-space interpolation, or pixels resized.
@@ -211,11 +223,11 @@ class Hires(BaseModel):
     """The webui's "Hires. fix": render, upscale, then a second img2img pass at the larger size."""
 
     model_config = _STRICT
-    scale: Annotated[float, _range(1, 4)] = 2.0
+    scale: Annotated[float, _Range(1, 4)] = 2.0
     upscaler: HiresUpscaler = "Latent"
     #: Steps of the second pass; 0 means as many as the first.
-    steps: Annotated[int, _range(0, 150)] = 0
-    denoising_strength: Annotated[float, _range(0, 1)] = 0.7
+    steps: Annotated[int, _Range(0, 150)] = 0
+    denoising_strength: Annotated[float, _Range(0, 1)] = 0.7
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         return hires_size(width, height, self.scale)
@@ -248,7 +260,7 @@ class JobSpec(BaseModel):
     #: "interactive" is served before "batch"; `farm submit --lane` overrides it.
     lane: Literal["interactive", "batch"] = "batch"
     #: Within a lane, higher runs first; jobs of equal priority share the pool by user.
-    priority: Annotated[int, _range(-100, 100)] = 0
+    priority: Annotated[int, _Range(-100, 100)] = 0
     mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
     model: ModelRef = "tiny-sd"
     prompts: Annotated[list[Prompt], AfterValidator(_not_empty("prompt")), Field(max_length=MAX_ITEMS)]
@@ -262,7 +274,7 @@ class JobSpec(BaseModel):
     height: Side = 512
     #: Images rendered in one forward pass. Part of the job, not of the worker,
     #: because the batch an image is drawn in changes its bytes by rounding.
-    batch_size: Annotated[int, _range(1, 64)] = 4
+    batch_size: Annotated[int, _Range(1, 64)] = 4
     clip_skip: ClipSkip = 1
     #: A VAE that replaces the model's own: a diffusers AutoencoderKL folder.
     vae: Annotated[str, AfterValidator(_model)] | None = None
@@ -282,7 +294,7 @@ class JobSpec(BaseModel):
     mask_blur: MaskBlur = 4
     masked_content: MaskedContent = "original"
     inpaint_area: Literal["whole", "only masked"] = "whole"
-    padding: Annotated[int, _range(0, 256)] = 32
+    padding: Annotated[int, _Range(0, 256)] = 32
     invert_mask: bool = False
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     #: Receives a signed POST of the job's summary when it ends (farm/webhooks.py).
