@@ -16,6 +16,7 @@ import binascii
 import json
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, get_args
@@ -648,3 +649,26 @@ def _record(store: Store, job_id: str, index: int) -> dict | None:
     except KeyMissing:
         return None
 
+
+
+class BackgroundServer:
+    """The app served on a thread of this process, for `farm run --serve`."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="farm-serve", daemon=True)
+
+    def start(self, timeout: float = 30) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"the dashboard could not listen on {self.server.config.host}:{self.server.config.port}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

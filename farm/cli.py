@@ -118,12 +118,16 @@ def run(
     spec: Path = typer.Argument(..., help="job spec (TOML, or JSON by its .json name)"),
     out_dir: Path = typer.Option(Path("farm-out"), "--out", help="folder to write the job's outputs into"),
     gpus: str = typer.Option("all", help="GPUs for the embedded workers: all, none, or a list such as 0,1"),
+    serve: bool = typer.Option(False, "--serve", help="open the dashboard on 127.0.0.1 while the job runs, and "
+                                                      "after, until Ctrl-C (no auth: this host only)"),
+    port: int = typer.Option(7860, help="with --serve: the dashboard's port"),
 ):
     """Render a job on this machine: a private Redis and real worker processes, outputs in a folder."""
     from farm.embedded import EmbeddedFarm
 
     with _errors():
         job = load_spec(spec, Settings.from_env().allow_pickle)
+        create_app = _serve_extra()[1] if serve else None
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="farm-run-") as tmp:
             # The worker loads the job's (first) model as it starts, before its first chunk; it
@@ -139,15 +143,48 @@ def run(
                 submitted = submit(job, farm.settings)
                 console.print(f"job [bold]{submitted.job_id}[/bold]: {submitted.items} images "
                               f"in {submitted.chunks} batches", highlight=False)
+                dashboard = _open_dashboard(create_app(farm.settings, auth=False), port, submitted.job_id) \
+                    if serve else None
                 with console.status("starting a worker (loads torch and the model)..."):
                     farm.wait_ready()
                 status = _follow_with_bar(farm.board, submitted.job_id, submitted.items)
+                job_dir = out_dir / submitted.job_id
+                _say_sheet(write_job_sheet(job_dir))
+                typer.echo(str(job_dir))
+                if dashboard is not None:
+                    _serve_until_interrupted(dashboard, port)
                 # The job has ended and all of it is stored: no warm shutdown to wait for.
                 farm.stop(kill=True)
-        job_dir = out_dir / submitted.job_id
-        _say_sheet(write_job_sheet(job_dir))
-        typer.echo(str(job_dir))
         raise typer.Exit(_finish_code(status))
+
+
+def _serve_extra():
+    """uvicorn and the app factory, or a clear error naming the extra to install."""
+    try:
+        import uvicorn
+
+        from dispatcher.api import create_app
+    except ImportError as e:
+        raise ValueError(f"serving needs its extra: pip install 'farm[serve]' ({e.name} is missing)") from None
+    return uvicorn, create_app
+
+
+def _open_dashboard(api, port: int, job_id: str):
+    from dispatcher.api import BackgroundServer
+
+    dashboard = BackgroundServer(api, "127.0.0.1", port).start()
+    console.print(f"dashboard: http://127.0.0.1:{port}/jobs/{job_id} (no auth: this host only)", highlight=False)
+    return dashboard
+
+
+def _serve_until_interrupted(dashboard, port: int) -> None:
+    console.print(f"the dashboard stays up on http://127.0.0.1:{port}; Ctrl-C to stop", highlight=False)
+    try:
+        while dashboard.thread.is_alive():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    dashboard.stop()
 
 
 def _say_sheet(path: Path | None) -> None:
@@ -428,12 +465,7 @@ def serve(
 ):
     """Serve the REST API (/v1, OpenAPI at /docs) on the pool's Redis and store."""
     with _errors():
-        try:
-            import uvicorn
-
-            from dispatcher.api import create_app
-        except ImportError as e:
-            raise ValueError(f"farm serve needs its extra: pip install 'farm[serve]' ({e.name} is missing)") from None
+        uvicorn, create_app = _serve_extra()
         settings = _settings(broker, store, endpoint_url)
         api = create_app(settings, auth=not no_auth)
         if no_auth:

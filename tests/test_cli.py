@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -52,6 +53,43 @@ def test_quickstart_runs_on_a_fresh_machine_with_no_services(tmp_path, cache_dir
     parsed = json.loads(info.stdout)
     assert parsed["Prompt"] == "a red circle on a white background" and parsed["Sampler"] == "Euler a"
     assert parsed["Seed"] == "1" and parsed["Model"] == "shapes-sd"
+
+
+@pytest.mark.e2e
+def test_farm_run_serve_opens_the_dashboard_on_the_embedded_farm_until_ctrl_c(tmp_path, cache_dir):
+    import httpx
+
+    from farm.embedded import free_port
+
+    (tmp_path / "small.toml").write_text('model = "shapes-sd"\nprompts = ["a red circle"]\nseeds = [1, 2]\n'
+                                         'steps = 2\nwidth = 64\nheight = 64\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FARM_", "AWS_"))}
+    env["FARM_CACHE_DIR"] = str(cache_dir)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    farm = subprocess.Popen([sys.executable, "-m", "farm.cli", "run", str(tmp_path / "small.toml"), "--out",
+                             str(tmp_path / "out"), "--serve", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def finished():
+            assert farm.poll() is None, farm.stderr.read()
+            try:
+                jobs = httpx.get(url + "/v1/jobs", timeout=5).json()["jobs"]  # no token: --no-auth
+            except httpx.TransportError:
+                return None
+            return jobs if jobs and jobs[0]["state"] == "done" else None
+
+        job = wait_until(finished, 240, "the job to be done, seen through the dashboard's API", interval=0.5)[0]
+        assert httpx.get(url + "/").status_code == 200
+        image = httpx.get(f"{url}/v1/jobs/{job['job']}/images/1")
+        assert image.headers["content-type"] == "image/png" and Image.open(io.BytesIO(image.content)).size == (64, 64)
+        assert farm.poll() is None  # the dashboard stays up once the job is done
+    finally:
+        farm.send_signal(signal.SIGINT)
+        out, err = farm.communicate(timeout=60)
+    assert farm.returncode == 0, err
+    assert out.strip().splitlines()[-1].endswith(job["job"]) and f"{url}/jobs/{job['job']}" in err
+    assert len(list((tmp_path / "out" / job["job"] / "images").glob("*.png"))) == 2
 
 
 def test_status_of_unknown_job_exits_4(redis_url):
