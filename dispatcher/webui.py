@@ -55,13 +55,14 @@ IGNORED = {"image_cfg_scale"}
 DEFAULT_ETA = {"DDIM": 0.0}
 ANCESTRAL_ETA = 1.0
 #: override_settings keys the farm honours, and the spec field each sets.
-OVERRIDES = {"sd_model_checkpoint": "model", "CLIP_stop_at_last_layers": "clip_skip"}
+OVERRIDES = {"sd_model_checkpoint": "model", "CLIP_stop_at_last_layers": "clip_skip", "emphasis": "emphasis"}
 SCHEDULE_LABELS = {s.value.lower(): s.value for s in ScheduleType}
 #: The webui's inpainting_fill, by index.
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 #: Spec fields named as the webui names them, for error messages.
 WEBUI_NAME = {"prompts": "prompt", "sampler": "sampler_name", "schedule_type": "scheduler", "model":
               "override_settings.sd_model_checkpoint", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+              "emphasis": "override_settings.emphasis",
               "hires.scale": "hr_scale", "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
               "hires.denoising_strength": "denoising_strength", "variation_seed": "subseed",
               "variation_strength": "subseed_strength", "init_image": "init_images", "masked_content":
@@ -131,6 +132,8 @@ def job_spec(fields: dict[str, Any], mode: str, *, model: str) -> dict[str, Any]
         spec["schedule_type"] = SCHEDULE_LABELS.get(str(fields["scheduler"]).lower(), fields["scheduler"])
     if "CLIP_stop_at_last_layers" in overrides:
         spec["clip_skip"] = overrides["CLIP_stop_at_last_layers"]
+    if "emphasis" in overrides:
+        spec["emphasis"] = overrides["emphasis"]
     if fields["subseed_strength"]:
         # The webui keeps the seed and walks the variation seed instead.
         spec.update(seeds=[seed], variation_strength=fields["subseed_strength"],

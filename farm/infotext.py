@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from farm.prompts import uses_emphasis
 from farm.spec import ResizeMode
 
 if TYPE_CHECKING:
@@ -107,6 +108,11 @@ def _inpaint(item: "Item") -> bool:
     return item.mode == "inpaint"
 
 
+def _notes_emphasis(item: "Item") -> bool:
+    # The webui writes the mode only when it is not its default and a prompt has brackets.
+    return item.emphasis != "Original" and (uses_emphasis(item.prompt) or uses_emphasis(item.negative_prompt))
+
+
 def _only_masked(item: "Item") -> bool:
     return item.inpaint_area == "only masked"
 
@@ -135,6 +141,7 @@ PARAMS = (
     Param("Mask mode", lambda i: "Inpaint not masked" if i.invert_mask else None),
     Param("Resize mode", lambda i: ResizeMode(i.resize_mode).label if i.mode != "txt2img" and i.resize_mode else None),
     Param("Fix steps", lambda i: "True" if i.fix_steps else None),
+    Param("Emphasis", lambda i: i.emphasis if _notes_emphasis(i) else None, "emphasis"),
 )
 
 #: infotext key -> (spec field, converter), for the keys that read straight back into a spec.

@@ -48,6 +48,7 @@ class Item:
     width: int
     height: int
     clip_skip: int = 1
+    emphasis: str = "Original"
     vae: str | None = None
     hires: HiresPass | None = None
     variation_seed: int | None = None
@@ -144,6 +145,7 @@ class Plan:
             width=value("width"),
             height=value("height"),
             clip_skip=value("clip_skip"),
+            emphasis=value("emphasis"),
             vae=value("vae"),
             hires=HiresPass(spec.hires.upscaler, spec.hires.scale, spec.hires.steps, spec.hires.denoising_strength)
             if spec.hires else None,

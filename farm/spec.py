@@ -33,8 +33,9 @@ from pydantic import (
 
 from pydantic_core import core_schema
 
-from farm import checkpoints, samplers
+from farm import checkpoints, prompts, samplers
 from farm.errors import ModelError, SpecError
+from farm.prompts import Emphasis
 
 #: shapes-sd draws what it is asked for (in a world of coloured shapes); the tiny ones draw noise, fast.
 SHAPES_SD, TINY_SD, TINY_SD_INPAINT = "shapes-sd", "tiny-sd", "tiny-sd-inpaint"
@@ -51,7 +52,8 @@ MAX_IMAGE_BYTES = 50 * 1024 * 1024
 STORE_PREFIX = "store:"
 #: Axes a [grid] may sweep. Seeds, prompts and a list of init images are axes of their own.
 GRID_AXES = ("model", "vae", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule_type", "width", "height",
-             "denoising_strength", "mask_blur", "masked_content", "clip_skip", "variation_seed", "variation_strength")
+             "denoising_strength", "mask_blur", "masked_content", "clip_skip", "emphasis", "variation_seed",
+             "variation_strength")
 
 
 class ResizeMode(IntEnum):
@@ -124,6 +126,8 @@ def _prompt(value: str) -> str:
         raise ValueError(f"must be at most {MAX_PROMPT_CHARS} characters, got {len(value)}")
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    if (why := prompts.problem(value)) is not None:
+        raise ValueError(why)
     return value
 
 
@@ -276,6 +280,8 @@ class JobSpec(BaseModel):
     #: because the batch an image is drawn in changes its bytes by rounding.
     batch_size: Annotated[int, _Range(1, 64)] = 4
     clip_skip: ClipSkip = 1
+    #: How `(word:1.2)` weights apply, as the webui's "Emphasis mode" (farm.prompts).
+    emphasis: Emphasis = "Original"
     #: A VAE that replaces the model's own: a diffusers AutoencoderKL folder.
     vae: Annotated[str, AfterValidator(_model)] | None = None
     hires: Hires | None = None

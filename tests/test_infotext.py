@@ -45,11 +45,11 @@ def test_prompt_alone_is_not_mistaken_for_parameters():
 def test_every_key_read_back_gives_the_value_the_item_wrote():
     from farm.plan import Item
 
-    item = Item(index=0, prompt="a red circle", negative_prompt="blurry", seed=123, model="tiny-sd", mode="txt2img",
-                sampler="DPM++ 2M", schedule_type="Karras", steps=17, cfg_scale=6.5, width=64, height=96,
-                clip_skip=2, variation_seed=9, variation_strength=0.25)
+    item = Item(index=0, prompt="a (red:1.2) circle", negative_prompt="blurry", seed=123, model="tiny-sd",
+                mode="txt2img", sampler="DPM++ 2M", schedule_type="Karras", steps=17, cfg_scale=6.5, width=64,
+                height=96, clip_skip=2, emphasis="No norm", variation_seed=9, variation_strength=0.25)
     parsed = infotext.parse(infotext.for_item(item, model_name="tiny-sd", model_hash="0123456789", version="v"))
-    assert set(infotext.READ_BACK) == {"Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip",
+    assert set(infotext.READ_BACK) == {"Steps", "Sampler", "Schedule type", "CFG scale", "Clip skip", "Emphasis",
                                        "Variation seed", "Variation seed strength"}
     for key, (field, read) in infotext.READ_BACK.items():
         assert read(parsed[key]) == getattr(item, field), key

@@ -39,7 +39,8 @@ def test_a_full_client_body_at_the_defaults_is_taken_and_keeps_the_webuis_seeds_
     spec = spec_of(CLIENT_BODY)
     assert (spec.model, spec.lane, spec.batch_size, spec.item_count) == ("shapes-sd", "interactive", 2, 4)
     assert [spec.seeds.start + i for i in range(spec.seeds.count)] == [5, 6, 7, 8]
-    assert (spec.sampler, spec.schedule_type) == ("Euler", "Automatic")
+    assert (spec.sampler, spec.schedule_type, spec.emphasis) == ("Euler", "Automatic", "Original")
+    assert spec_of({**CLIENT_BODY, "override_settings": {"emphasis": "No norm"}}).emphasis == "No norm"
     varied = spec_of({**CLIENT_BODY, "subseed": 40, "subseed_strength": 0.3})
     assert varied.seeds == [5] and varied.grid == {"variation_seed": [40, 41, 42, 43]}
     assert varied.variation_strength == 0.3

@@ -45,7 +45,7 @@ def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None, on
         text = {"prompt": positive, "negative_prompt": negative, "clip_skip": first.clip_skip - 1 or None}
     else:
         with torch.inference_mode():
-            text = prompts.embeddings(pipe, positive, negative, first.clip_skip)
+            text = prompts.embeddings(pipe, positive, negative, first.clip_skip, first.emphasis)
     common = dict(
         **text,
         guidance_scale=first.cfg_scale,
@@ -222,4 +222,23 @@ def render(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on
     mode = items[0].mode
     if model.inpainting and mode != "inpaint":
         raise ModelError(f"{model.name} is an inpainting model (9-channel UNet); use it with mode = \"inpaint\"")
-    return RENDERERS[mode](model, items, fetch, vae, on_step)
+    groups = _by_conditioning_length(model, items)
+    if len(groups) == 1:
+        return RENDERERS[mode](model, items, fetch, vae, on_step)
+    # Prompts of different lengths cannot share a conditioning tensor without padding that would
+    # change their images: each length is its own batch, the images back in the items' order.
+    drawn: dict[int, Image.Image] = {}
+    for group in groups:
+        drawn.update(zip((item.index for item in group), RENDERERS[mode](model, group, fetch, vae, on_step)))
+    return [drawn[item.index] for item in items]
+
+
+def _by_conditioning_length(model: LoadedModel, items: Sequence[Item]) -> list[list[Item]]:
+    if model.xl or len(items) == 1:
+        return [list(items)]
+    pipe = model.pipeline(items[0].mode)
+    groups: dict[int, list[Item]] = {}
+    for item in items:
+        length = prompts.length_in_chunks(pipe, item.prompt, item.negative_prompt, item.emphasis)
+        groups.setdefault(length, []).append(item)
+    return list(groups.values())

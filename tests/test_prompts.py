@@ -1,0 +1,191 @@
+"""The webui's prompt language: emphasis, escapes and BREAK read as its `parse_prompt_attention`
+reads them, and the conditioning built from them as its `sd_hijack_clip` builds it.
+
+The expected pieces are written here from reading the webui v1.10.1's `modules/prompt_parser.py`
+(its doctests are the first six rows); nothing of the webui is vendored or imported. Weights are
+written as the products the webui forms, in its order: each closing bracket multiplies what it
+encloses, innermost first, and brackets left open multiply to the end at the close of the text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from farm.plan import Item
+from farm.prompts import parse_attention, pieces
+from workers import prompts, render
+from workers.models import ModelCache
+
+R, S = 1.1, 1 / 1.1
+
+ATTENTION = [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", R), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", R)]),
+    (r"\(literal\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", R)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    ("(word:1.5)", [("word", 1.5)]),
+    ("((word))", [("word", 1.0 * R * R)]),
+    ("(((a)))", [("a", 1.0 * R * R * R)]),
+    ("[word]", [("word", S)]),
+    ("[[word]]", [("word", 1.0 * S * S)]),
+    ("(word:0.5)", [("word", 0.5)]),
+    ("(word:1.0)", [("word", 1.0)]),
+    ("a (word:1.0) b", [("a word b", 1.0)]),
+    ("(a:1.2) (b:1.2)", [("a", 1.2), (" ", 1.0), ("b", 1.2)]),
+    ("(a:1.2)(b:1.2)", [("ab", 1.2)]),
+    ("(word: 1.5)", [("word", 1.5)]),
+    ("(word:1.5 )", [("word", 1.5)]),
+    ("(word:-1)", [("word", -1.0)]),
+    ("(word:+2)", [("word", 2.0)]),
+    ("(word:.5)", [("word", 0.5)]),
+    ("(word:abc)", [("word:abc", R)]),
+    ("(a:1e2)", [("a:1e2", R)]),
+    ("a:b", [("a:b", 1.0)]),
+    ("word:1.5)", [("word:1.5)", 1.0)]),
+    ("unmatched)", [("unmatched)", 1.0)]),
+    ("unmatched]", [("unmatched]", 1.0)]),
+    ("[unbalanced", [("unbalanced", S)]),
+    ("((a) b", [("a", 1.0 * R * R), (" b", R)]),
+    ("(a [b] c)", [("a ", R), ("b", 1.0 * S * R), (" c", R)]),
+    ("[a (b) c]", [("a ", S), ("b", 1.0 * R * S), (" c", S)]),
+    ("((a:2):3)", [("a", 6.0)]),
+    ("a ((b:1.2)) c", [("a ", 1.0), ("b", 1.2 * R), (" c", 1.0)]),
+    ("(a:1.1)(b)", [("ab", 1.1)]),
+    ("a, (b:1.3), c", [("a, ", 1.0), ("b", 1.3), (", c", 1.0)]),
+    (r"\(not emphasis\)", [("(not emphasis)", 1.0)]),
+    ("a \\\\ b", [("a \\ b", 1.0)]),
+    ("a \\ b", [("a  b", 1.0)]),  # a lone backslash is dropped
+    ("[a:b:5]", [("a:b:5", S)]),
+    ("[a|b]", [("a|b", S)]),
+    ("", [("", 1.0)]),
+    ("()", [("", 1.0)]),
+    ("[]", [("", 1.0)]),
+    ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
+    ("a BREAKb", [("a BREAKb", 1.0)]),
+    ("a break b", [("a break b", 1.0)]),
+    ("BREAK", [("", 1.0), ("BREAK", -1.0), ("", 1.0)]),
+    ("(a BREAK b)", [("a", R), ("BREAK", -1.0 * R), ("b", R)]),  # no longer a BREAK: its weight moved
+    ("(a:1.5) BREAK (b:0.5)", [("a", 1.5), ("", 1.0), ("BREAK", -1.0), ("", 1.0), ("b", 0.5)]),
+]
+
+
+def test_the_table_is_as_large_as_the_oracle_asks():
+    assert len(ATTENTION) >= 40
+
+
+@pytest.mark.parametrize("text, expected", ATTENTION, ids=[t or "empty" for t, _ in ATTENTION])
+def test_attention_is_parsed_as_the_webui_parses_it(text, expected):
+    assert parse_attention(text) == expected
+
+
+def test_emphasis_none_reads_brackets_and_break_as_words():
+    assert pieces("a (red:1.5) BREAK circle", "None") == [("a (red:1.5) BREAK circle", 1.0)]
+    assert pieces("a (red:1.5) circle", "No norm") == parse_attention("a (red:1.5) circle")
+
+
+# --- conditioning, computed by hand from the text encoder as the webui's code does ----------------
+
+@pytest.fixture(scope="module")
+def model(cache_dir):
+    return ModelCache(cache_dir, torch.device("cpu"), torch.float32, capacity=2).get("tiny-sd")
+
+
+def _tokens(pipe, text: str) -> list[int]:
+    return pipe.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _encode(pipe, rows: list[list[int]]) -> torch.Tensor:
+    return pipe.text_encoder(torch.tensor(rows)).last_hidden_state
+
+
+def test_emphasis_multiplies_the_token_embeddings_then_restores_the_mean(model):
+    pipe = model.pipe
+    bos, eos = pipe.tokenizer.bos_token_id, pipe.tokenizer.eos_token_id
+    a, red, circle = _tokens(pipe, "a "), _tokens(pipe, "red"), _tokens(pipe, " circle")
+    body = a + red + circle
+    row = [bos, *body, *[eos] * (76 - len(body))]
+    weights = torch.tensor([[1.0] * (1 + len(a)) + [1.5] * len(red) + [1.0] * (76 - len(a) - len(red))])
+    with torch.inference_mode():
+        z = _encode(pipe, [row])
+        weighted = z * weights.reshape(weights.shape + (1,)).expand(z.shape)
+        original = weighted * (z.mean() / weighted.mean())
+        assert torch.equal(prompts.Conditioner(pipe)(["a (red:1.5) circle"]), original)
+        assert torch.equal(prompts.Conditioner(pipe, emphasis="No norm")(["a (red:1.5) circle"]), weighted)
+        literal = _encode(pipe, [[bos, *_tokens(pipe, "a (red:1.5) circle"), *[eos] * 76][:77]])
+        assert torch.equal(prompts.Conditioner(pipe, emphasis="None")(["a (red:1.5) circle"]), literal)
+        assert not torch.equal(original, z)
+
+
+def test_a_150_token_prompt_is_two_chunks_each_with_its_own_start_and_end(model):
+    pipe = model.pipe
+    bos, eos = pipe.tokenizer.bos_token_id, pipe.tokenizer.eos_token_id
+    text = " ".join(["red"] * 75)  # 'r' 'e' 'd</w>' in the tiny vocabulary: 225 tokens, no comma
+    tokens = _tokens(pipe, text)
+    assert len(tokens) == 225
+    chunks = [tokens[i:i + 75] for i in range(0, 225, 75)]
+    with torch.inference_mode():
+        by_hand = torch.hstack([_encode(pipe, [[bos, *c, eos]]) for c in chunks])
+        assert torch.equal(prompts.Conditioner(pipe)([text]), by_hand)
+        assert by_hand.shape == (1, 3 * 77, 32)
+
+
+def test_a_full_chunk_is_cut_after_its_last_comma_within_20_tokens(model):
+    pipe = model.pipe
+    conditioner = prompts.Conditioner(pipe)
+    comma = conditioner.comma
+    words = _tokens(pipe, " ".join(["red"] * 20))  # 60 tokens
+    text = " ".join(["red"] * 20) + ", " + " ".join(["blue"] * 10)
+    tokens = _tokens(pipe, text)
+    cut = tokens.index(comma) + 1
+    assert cut == len(words) + 1 and len(tokens) > 75
+    first, second = conditioner.chunks(text)
+    assert first.tokens[1:cut + 1] == tokens[:cut] and set(first.tokens[cut + 1:]) == {pipe.tokenizer.eos_token_id}
+    assert second.tokens[1:1 + len(tokens) - cut] == tokens[cut:]
+    far = _tokens(pipe, "red, " + " ".join(["blue"] * 20))  # the comma is too far back: cut at 75
+    assert conditioner.chunks("red, " + " ".join(["blue"] * 20))[0].tokens[1:76] == far[:75]
+
+
+def test_break_starts_a_new_chunk_and_the_negative_is_padded_with_the_empty_prompt(model):
+    pipe = model.pipe
+    conditioner = prompts.Conditioner(pipe)
+    red, blue = _tokens(pipe, "red"), _tokens(pipe, "blue")
+    first, second = conditioner.chunks("red BREAK blue")
+    assert (first.tokens[1:1 + len(red)], second.tokens[1:1 + len(blue)]) == (red, blue)
+    with torch.inference_mode():
+        text = prompts.embeddings(pipe, ["red BREAK blue"], ["blurry"], clip_skip=1)
+        empty = conditioner([""])
+        assert text["prompt_embeds"].shape == text["negative_prompt_embeds"].shape == (1, 154, 32)
+        assert torch.equal(text["negative_prompt_embeds"], torch.hstack([conditioner(["blurry"]), empty]))
+
+
+# --- what it draws -------------------------------------------------------------------------------------
+
+def _item(index: int, prompt: str, **changes) -> Item:
+    fields = dict(index=index, prompt=prompt, negative_prompt="", seed=100 + index, model="tiny-sd", mode="txt2img",
+                  sampler="Euler a", schedule_type="Automatic", steps=3, cfg_scale=7.0, width=64, height=64)
+    return Item(**{**fields, **changes})
+
+
+def test_weight_one_draws_exactly_the_plain_prompt_and_other_weights_do_not(model):
+    plain, same, louder = (render.render(model, [_item(0, p)], None)[0]
+                           for p in ("a red circle", "a (red:1.0) circle", "a (red:1.5) circle"))
+    assert same.tobytes() == plain.tobytes()
+    assert louder.tobytes() != plain.tobytes()
+
+
+def test_a_batch_of_prompts_of_different_lengths_draws_each_as_it_draws_alone(model):
+    """Conditioning of one, two and three chunks in one chunk of work: each length is its own
+    forward pass, so each image matches itself drawn alone up to the rounding of a batch size."""
+    long = ", ".join(["red circle"] * 12)
+    items = [_item(0, "a red circle"), _item(1, long), _item(2, "a (blue:1.3) square"), _item(3, long + " BREAK x")]
+    assert [prompts.length_in_chunks(model.pipe, i.prompt, i.negative_prompt) for i in items] == [1, 2, 1, 3]
+    together = render.render(model, items, None)
+    alone = [render.render(model, [item], None)[0] for item in items]
+    for a, b in zip(together, alone):
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 2
