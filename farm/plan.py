@@ -14,7 +14,7 @@ from dataclasses import asdict, astuple, dataclass
 from typing import Iterator
 
 from farm import samplers
-from farm.spec import JobSpec
+from farm.spec import PROMPT_SR, JobSpec
 
 
 @dataclass(frozen=True)
@@ -131,10 +131,14 @@ class Plan:
         image_mode = spec.mode != "txt2img"
         inpaint = spec.mode == "inpaint"
         strength = float(value("variation_strength"))
+        prompt, negative = spec.prompts[prompt_pos], value("negative_prompt")
+        if PROMPT_SR in values:
+            searched = spec.grid[PROMPT_SR][0]
+            prompt, negative = (text.replace(searched, values[PROMPT_SR]) for text in (prompt, negative))
         return Item(
             index=index,
-            prompt=spec.prompts[prompt_pos],
-            negative_prompt=value("negative_prompt"),
+            prompt=prompt,
+            negative_prompt=negative,
             seed=spec.seed_at(seed_pos),
             model=value("model"),
             mode=spec.mode,

@@ -50,8 +50,11 @@ MAX_IMAGE_SIDE = 4096
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 #: An init image or mask given as a key in the job's store rather than a local path.
 STORE_PREFIX = "store:"
+#: The webui's "Prompt S/R" axis: its first value is searched in each prompt (and negative
+#: prompt) and replaced by each value in turn.
+PROMPT_SR = "prompt_sr"
 #: Axes a [grid] may sweep. Seeds, prompts and a list of init images are axes of their own.
-GRID_AXES = ("model", "vae", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule_type", "width", "height",
+GRID_AXES = ("model", "vae", "prompt_sr", "negative_prompt", "steps", "cfg_scale", "sampler", "schedule_type", "width", "height",
              "denoising_strength", "mask_blur", "masked_content", "clip_skip", "emphasis", "variation_seed",
              "variation_strength")
 
@@ -313,6 +316,7 @@ class JobSpec(BaseModel):
         problems = list(_grid_problems(self.grid))
         problems += _sampler_problems(self)
         problems += _mode_problems(self)
+        problems += _prompt_sr_problems(self)
         if self.webhook_each and not self.webhook:
             problems.append(("webhook_each", "needs a webhook URL to post to"))
         if not problems and self.item_count > MAX_ITEMS:
@@ -384,6 +388,19 @@ def _grid_problems(grid: dict[str, list[Any]]):
                     yield f"{where}[{i}]", reason
 
 
+def _prompt_sr_problems(spec: JobSpec):
+    values = spec.grid.get(PROMPT_SR)
+    if not values or not isinstance(values[0], str):
+        return
+    negatives = [n for n in spec.grid.get("negative_prompt", [spec.negative_prompt]) if isinstance(n, str)]
+    missing = [i for i, prompt in enumerate(spec.prompts)
+               if values[0] not in prompt and not all(values[0] in n for n in negatives)]
+    if missing:
+        shown = ", ".join(f"prompts.{i}" for i in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        yield f"grid.{PROMPT_SR}", (f"the first value {values[0]!r} is what each prompt's text is searched for, "
+                                    f"and it is neither in {shown} nor in its negative prompt")
+
+
 def _sampler_problems(spec: JobSpec):
     sampler_values = spec.grid.get("sampler", [spec.sampler])
     schedule_values = spec.grid.get("schedule_type", [spec.schedule_type])
@@ -453,6 +470,8 @@ def _mode_problems(spec: JobSpec):
 @cache
 def _field_adapter(name: str) -> TypeAdapter:
     """A grid axis' values are checked as the field itself: its type and validators, without None."""
+    if name == PROMPT_SR:
+        return TypeAdapter(Prompt)
     field = JobSpec.model_fields[name]
     annotation = field.annotation
     if type(None) in get_args(annotation):

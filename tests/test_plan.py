@@ -92,3 +92,15 @@ def test_a_render_message_survives_json_with_its_hires_pass_and_charge():
     assert RenderMessage.from_kwargs(RenderMessage(plan.chunk(0), "s").to_kwargs()).charge is None
     with pytest.raises(BadMessage, match="not a render message"):
         RenderMessage.from_kwargs({"job": "../etc", "chunk": 0, "items": [], "store": "s"})
+
+
+def test_prompt_search_and_replace_swaps_the_first_value_for_each_in_prompt_and_negative():
+    plan = Plan(spec(prompts=["a red circle", "red on red"], negative_prompt="red blur", seeds=[1],
+                     grid={"prompt_sr": ["red", "blue", "<none>"], "cfg_scale": [5.0]}), "job-1")
+    items = [plan.item(i) for i in range(plan.item_count)]
+    assert [(i.prompt, i.negative_prompt) for i in items] == [
+        ("a red circle", "red blur"), ("red on red", "red blur"),
+        ("a blue circle", "blue blur"), ("blue on blue", "blue blur"),
+        ("a <none> circle", "<none> blur"), ("<none> on <none>", "<none> blur")]
+    # Each value is its own grid cell, so no batch mixes two replacements.
+    assert {plan.chunk_of(i.index) for i in items[:2]} != {plan.chunk_of(i.index) for i in items[2:4]}

@@ -85,6 +85,9 @@ BAD = [
     ("schedule_type: unknown schedule type 'Polyexponential'", _with(schedule_type="Polyexponential")),
     ("grid.steps[1]: must be 1-150, got 0", _with(grid={"steps": [10, 0]})),
     ("grid.seed: unknown axis", _with(grid={"seed": [1, 2]})),
+    ("grid.prompt_sr: the first value 'green' is what each prompt's text is searched for, and it is neither in "
+     "prompts.0, prompts.1 nor", _with(grid={"prompt_sr": ["green", "red"]})),
+    ("grid.prompt_sr[1]: must be at most 10000 characters", _with(grid={"prompt_sr": ["red", "x" * 10_001]})),
     ("grid.cfg_scale: must list at least one value", _with(grid={"cfg_scale": []})),
     ("grid.width[0]: must be a multiple of 8", _with(grid={"width": [65]})),
     ("model: no built-in model or local path '/no/such/model'", _with(model="/no/such/model")),
