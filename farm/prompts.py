@@ -6,13 +6,22 @@ Emphasis: `(text)` multiplies the attention paid to its tokens by 1.1, `[text]` 
 of the prompt; a closing one with nothing open is text. `BREAK` (a word of its own, in capitals)
 ends the current 75-token chunk.
 
+Prompt editing: `[from:to:when]` draws `from` until step `when`, then `to`; `[to:when]` adds,
+`[from::when]` removes; `when` is a step number, or with a decimal point a fraction of the
+steps. `[a|b|c]` alternates every step. `schedules` gives the texts of a prompt and the last
+step each holds, as the webui's `get_learned_conditioning_prompt_schedules` does (its grammar,
+read with the same parser, lark 1.1.2, so that ambiguous text resolves the same way).
+
 This module only reads the text; `workers/prompts.py` turns what it reads into conditioning.
 """
 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Literal
+
+import lark
 
 #: The webui's emphasis option: "Original" multiplies each token's embedding by its weight and
 #: restores the chunk's mean; "No norm" only multiplies; "None" reads brackets as text.
@@ -112,3 +121,64 @@ def pieces(text: str, emphasis: Emphasis = "Original") -> list[tuple[str, float]
 def uses_emphasis(text: str) -> bool:
     """Whether the webui notes the emphasis mode in the infotext for this prompt."""
     return "(" in text or "[" in text
+
+
+# --- prompt editing and alternation ----------------------------------------------------------------
+
+_SCHEDULE_GRAMMAR = r"""
+!start: (prompt | /[][():]/+)*
+prompt: (emphasized | scheduled | alternate | plain | WHITESPACE)*
+!emphasized: "(" prompt ")"
+        | "(" prompt ":" prompt ")"
+        | "[" prompt "]"
+scheduled: "[" [prompt ":"] prompt ":" [WHITESPACE] NUMBER [WHITESPACE] "]"
+alternate: "[" prompt ("|" [prompt])+ "]"
+WHITESPACE: /\s+/
+plain: /([^\\\[\]():|]|\\.)+/
+%import common.SIGNED_NUMBER -> NUMBER
+"""
+
+
+@lru_cache(maxsize=1)
+def _schedule_parser() -> lark.Lark:
+    return lark.Lark(_SCHEDULE_GRAMMAR)
+
+
+def schedules(prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
+    """[(last step, text), ...] for a prompt sampled over `steps`, the steps counted from 1.
+    With `hires_steps`, the schedule of hires fix's second pass: a step number counts on from
+    the first pass (`[a:b:25]` with 20 + 10 steps switches at the second pass' fifth step) and
+    a fraction above 1 is a fraction of the second pass (`1.5`: half-way through it)."""
+    try:
+        tree = _schedule_parser().parse(prompt)
+    except lark.exceptions.LarkError:
+        return [(hires_steps or steps, prompt)]
+    total = steps if hires_steps is None else hires_steps
+    offsets = (0, 0.0) if hires_steps is None else (steps, 1.0)
+    switches, when = {total}, {}
+    for node in tree.iter_subtrees():
+        if node.data == "scheduled":
+            number = str(node.children[-2])
+            value = (float(number) - offsets[1]) * total if "." in number else float(number) - offsets[0]
+            when[id(node)] = min(total, int(value))
+            if when[id(node)] >= 1:
+                switches.add(when[id(node)])
+        elif node.data == "alternate":
+            switches.update(range(1, total + 1))
+    return [(step, _text_at(tree, step, when)) for step in sorted(switches)]
+
+
+def _text_at(node, step: int, when: dict[int, int]) -> str:
+    if node is None:
+        return ""
+    if isinstance(node, lark.Token):
+        return str(node)
+    if node.data == "scheduled":
+        before, after = node.children[0], node.children[1]
+        return _text_at(before if step <= when[id(node)] else after, step, when)
+    if node.data == "alternate":
+        options = node.children
+        return _text_at(options[(step - 1) % len(options)], step, when)
+    if node.data == "plain":
+        return str(node.children[0])
+    return "".join(_text_at(child, step, when) for child in node.children)

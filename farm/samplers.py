@@ -40,6 +40,12 @@ class Sampler:
     schedules: tuple[ScheduleType, ...] = _SIGMA_SCHEDULES
     #: Python modules the worker needs for this scheduler.
     needs: tuple[str, ...] = ()
+    #: Evaluates the model twice a step: the webui counts prompt-editing steps in evaluations.
+    second_order: bool = False
+
+    def evaluations(self, steps: int) -> int:
+        """The steps a prompt's schedule is counted over, as the webui's `total_steps`."""
+        return steps * 2 if self.second_order else steps
 
 
 SAMPLERS: dict[str, Sampler] = {
@@ -50,7 +56,8 @@ SAMPLERS: dict[str, Sampler] = {
                 default_schedule=ScheduleType.KARRAS),
         # Its Brownian noise comes from its own trees, not the generators; the worker seeds one
         # tree per image with the image's seed (noise_sampler_seed), as the webui does.
-        Sampler("DPM++ SDE", "DPMSolverSDEScheduler", default_schedule=ScheduleType.KARRAS, needs=("torchsde",)),
+        Sampler("DPM++ SDE", "DPMSolverSDEScheduler", default_schedule=ScheduleType.KARRAS, needs=("torchsde",),
+                second_order=True),
         Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
                 {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
                 default_schedule=ScheduleType.EXPONENTIAL),
@@ -60,9 +67,10 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("Euler a", "EulerAncestralDiscreteScheduler", schedules=_OWN_SCHEDULE_ONLY),
         Sampler("Euler", "EulerDiscreteScheduler"),
         Sampler("LMS", "LMSDiscreteScheduler", needs=("scipy",)),
-        Sampler("Heun", "HeunDiscreteScheduler"),
-        Sampler("DPM2", "KDPM2DiscreteScheduler", default_schedule=ScheduleType.KARRAS),
-        Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", default_schedule=ScheduleType.KARRAS),
+        Sampler("Heun", "HeunDiscreteScheduler", second_order=True),
+        Sampler("DPM2", "KDPM2DiscreteScheduler", default_schedule=ScheduleType.KARRAS, second_order=True),
+        Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", default_schedule=ScheduleType.KARRAS,
+                second_order=True),
         # DDIM's own default clip_sample=True makes SD chaotic; the webui never clips.
         Sampler("DDIM", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False},
                 schedules=_OWN_SCHEDULE_ONLY),

@@ -8,7 +8,8 @@ comma is within 20 tokens of the end. Each chunk is encoded on its own with its 
 tokens, its token embeddings multiplied by their weights (then, with "Original" emphasis, scaled
 back to the chunk's mean), and the chunks are concatenated. The prompt and its negative are
 padded to the same number of chunks with the empty prompt's chunk (the webui's "pad prompt and
-negative prompt to be same length").
+negative prompt to be same length"). Prompt editing switches the conditioning between model
+evaluations, counted as the webui counts them.
 
 "Clip skip" takes the output of the N-th layer from the end through the final layer norm, as
 the webui does (diffusers 0.42's own clip_skip path reaches for `text_encoder.text_model`,
@@ -22,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from farm.prompts import BREAK_WEIGHT, Emphasis, pieces
+from farm.prompts import BREAK_WEIGHT, Emphasis, pieces, schedules
 
 #: The webui's "comma_padding_backtrack": how far back a full chunk looks for a comma to cut at.
 COMMA_BACKTRACK = 20
@@ -130,23 +131,68 @@ def pad_to(conditioning: torch.Tensor, chunks: int, empty: torch.Tensor) -> torc
     return torch.cat([conditioning, empty.repeat(conditioning.shape[0], missing, 1)], dim=1)
 
 
-def embeddings(pipe, prompts: Sequence[str], negatives: Sequence[str], clip_skip: int,
-               emphasis: Emphasis = "Original") -> dict:
-    """`prompt_embeds` and `negative_prompt_embeds` for a pipeline call. Each prompt is encoded
-    on its own, so an image's conditioning never depends on the rest of its batch; the batch's
-    prompts must come to the same number of chunks (`render` splits a batch where they do not)."""
-    conditioner = Conditioner(pipe, clip_skip, emphasis)
-    positive = [conditioner([text]) for text in prompts]
-    negative = [conditioner([text]) for text in negatives]
-    empty = conditioner([""])
-    chunk = empty.shape[1]
-    for i, (p, n) in enumerate(zip(positive, negative)):
-        longest = max(p.shape[1], n.shape[1]) // chunk
-        positive[i], negative[i] = pad_to(p, longest, empty), pad_to(n, longest, empty)
-    return {"prompt_embeds": torch.cat(positive), "negative_prompt_embeds": torch.cat(negative)}
+#: A prompt's conditioning over sampling: (last evaluation, conditioning of shape (1, L, width)).
+Scheduled = list[tuple[int, torch.Tensor]]
 
 
-def length_in_chunks(pipe, prompt: str, negative: str, emphasis: Emphasis = "Original") -> int:
-    """How many chunks the item's conditioning has (its prompt and negative padded alike)."""
+class PromptSchedule:
+    """A batch's conditioning at each model evaluation, switched as the webui switches it for
+    prompt editing and alternation. Each prompt is encoded on its own, its schedule's texts
+    together (as the webui encodes them), so an image's conditioning never depends on the rest of
+    its batch; the batch's prompts must come to the same number of chunks (`render` splits a
+    batch where they do not)."""
+
+    def __init__(self, pipe, prompts: Sequence[str], negatives: Sequence[str], steps: int, *,
+                 hires_steps: int | None = None, clip_skip: int = 1, emphasis: Emphasis = "Original"):
+        conditioner = Conditioner(pipe, clip_skip, emphasis)
+        self.positive = [self._encoded(conditioner, text, steps, hires_steps) for text in prompts]
+        self.negative = [self._encoded(conditioner, text, steps, hires_steps) for text in negatives]
+        self.empty = conditioner([""])
+
+    @staticmethod
+    def _encoded(conditioner: Conditioner, prompt: str, steps: int, hires_steps: int | None) -> Scheduled:
+        entries = schedules(prompt, steps, hires_steps)
+        encoded = conditioner([text for _, text in entries])
+        return [(end, encoded[i:i + 1]) for i, (end, _) in enumerate(entries)]
+
+    @property
+    def changes(self) -> bool:
+        return any(len(s) > 1 for s in self.positive + self.negative)
+
+    def at(self, evaluation: int) -> dict:
+        """`prompt_embeds` and `negative_prompt_embeds` for the evaluation (counted from 0)."""
+        chunk = self.empty.shape[1]
+        positive, negative = [], []
+        for p, n in zip(self.positive, self.negative):
+            p, n = _current(p, evaluation), _current(n, evaluation)
+            longest = max(p.shape[1], n.shape[1]) // chunk
+            positive.append(pad_to(p, longest, self.empty))
+            negative.append(pad_to(n, longest, self.empty))
+        return {"prompt_embeds": torch.cat(positive), "negative_prompt_embeds": torch.cat(negative)}
+
+    def switching(self, on_step=None):
+        """A `callback_on_step_end` that hands the pipeline the next evaluation's conditioning
+        (after running `on_step`, the progress and cancel check)."""
+        def step(pipe, index: int, timestep, kwargs: dict) -> dict:
+            kwargs = on_step(pipe, index, timestep, kwargs) if on_step is not None else kwargs
+            text = self.at(index + 1)
+            embeds = text["prompt_embeds"]
+            if pipe.do_classifier_free_guidance:
+                embeds = torch.cat([text["negative_prompt_embeds"], embeds])
+            return {**kwargs, "prompt_embeds": embeds.to(kwargs["prompt_embeds"].dtype)}
+
+        return step
+
+
+def _current(scheduled: Scheduled, evaluation: int) -> torch.Tensor:
+    # The first entry that lasts to this evaluation; past the last, the first (as the webui does).
+    for end, conditioning in scheduled:
+        if evaluation <= end:
+            return conditioning
+    return scheduled[0][1]
+
+
+def length_in_chunks(pipe, texts: Sequence[str], emphasis: Emphasis = "Original") -> int:
+    """How many chunks the longest of these texts encodes to."""
     conditioner = Conditioner(pipe, emphasis=emphasis)
-    return max(conditioner.chunk_count(prompt), conditioner.chunk_count(negative))
+    return max(conditioner.chunk_count(text) for text in texts)

@@ -13,9 +13,11 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from farm import samplers
 from farm.denoise import img2img_steps
 from farm.errors import ModelError
 from farm.plan import Item
+from farm.prompts import schedules
 from farm.spec import ResizeMode, hires_size
 from workers import images, noise, prompts
 from workers.models import LoadedModel
@@ -38,23 +40,39 @@ def _configured(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
 def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None, on_step=None):
     first = items[0]
     pipe = _configured(model, mode, items, vae)
-    positive, negative = [item.prompt for item in items], [item.negative_prompt for item in items]
-    if model.xl:
-        # SDXL's own encode path takes hidden states without touching text_model, so it works;
-        # diffusers counts skipped layers from its default (the webui's "Clip skip 1").
-        text = {"prompt": positive, "negative_prompt": negative, "clip_skip": first.clip_skip - 1 or None}
-    else:
-        with torch.inference_mode():
-            text = prompts.embeddings(pipe, positive, negative, first.clip_skip, first.emphasis)
     common = dict(
-        **text,
+        **_conditioning(model, pipe, items, on_step, _evaluations(first, first.steps)),
         guidance_scale=first.cfg_scale,
         generator=noise.generators([item.seed for item in items]),
         output_type="pil",
     )
-    if on_step is not None:
-        common["callback_on_step_end"] = on_step
     return pipe, first, common
+
+
+def _evaluations(item: Item, steps: int) -> int:
+    return samplers.SAMPLERS[item.sampler].evaluations(steps)
+
+
+def _conditioning(model: LoadedModel, pipe, items: Sequence[Item], on_step, steps: int,
+                  hires_steps: int | None = None) -> dict:
+    """The prompt arguments of a pipeline call and its step callback: the webui's prompt language
+    for SD1 and SD2 (emphasis, chunks, prompt editing switched per evaluation)."""
+    first = items[0]
+    positive, negative = [item.prompt for item in items], [item.negative_prompt for item in items]
+    # Always both keys, so that a second pass's arguments replace the first's whole.
+    step = {"callback_on_step_end": on_step, "callback_on_step_end_tensor_inputs": ["latents"]}
+    if model.xl:
+        # SDXL's own encode path takes hidden states without touching text_model, so it works;
+        # diffusers counts skipped layers from its default (the webui's "Clip skip 1").
+        return {"prompt": positive, "negative_prompt": negative, "clip_skip": first.clip_skip - 1 or None, **step}
+    with torch.inference_mode():
+        schedule = prompts.PromptSchedule(pipe, positive, negative, steps, hires_steps=hires_steps,
+                                          clip_skip=first.clip_skip, emphasis=first.emphasis)
+        text = schedule.at(0)
+    if schedule.changes:
+        step = {"callback_on_step_end": schedule.switching(on_step),
+                "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"]}
+    return {**text, **step}
 
 
 def txt2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch | None = None, vae=None,
@@ -62,14 +80,14 @@ def txt2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch | None = Non
     pipe, first, common = _prepared(model, "txt2img", items, vae, on_step)
     latents = noise.batch_noise(items, scale=pipe.vae_scale_factor).to(pipe.device, pipe.unet.dtype)
     if first.hires:
-        return _hires(model, pipe, items, common, latents, vae)
+        return _hires(model, pipe, items, common, latents, vae, on_step)
     with torch.inference_mode():
         return pipe(num_inference_steps=first.steps, width=first.width, height=first.height, latents=latents,
                     **common).images
 
 
 def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latents: torch.Tensor,
-           vae) -> list[Image.Image]:
+           vae, on_step) -> list[Image.Image]:
     """The webui's hires fix: a first pass, an upscale, then img2img at the larger size running
     exactly the second-pass steps (the webui always "fixes" them there), from fresh seed noise."""
     first = items[0]
@@ -89,9 +107,12 @@ def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latent
     # fix_steps needs a strength above 0; at 0 the second pass takes its one step, as img2img does.
     strength = hires.denoising_strength
     plan = img2img_steps(hires.steps or first.steps, strength, fix_steps=strength > 0)
+    # The second pass counts prompt-editing steps on from the first, as the webui does.
+    text = _conditioning(model, second, items, on_step, _evaluations(first, first.steps),
+                         _evaluations(first, hires.steps or first.steps))
     with torch.inference_mode(), _seed_noise(second, items, (width, height)):
         return second(image=upscaled, strength=plan.diffusers_strength, num_inference_steps=plan.schedule,
-                      **{**common, "generator": noise.generators([item.seed for item in items])}).images
+                      **{**common, **text, "generator": noise.generators([item.seed for item in items])}).images
 
 
 def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None) -> list[Image.Image]:
@@ -239,6 +260,13 @@ def _by_conditioning_length(model: LoadedModel, items: Sequence[Item]) -> list[l
     pipe = model.pipeline(items[0].mode)
     groups: dict[int, list[Item]] = {}
     for item in items:
-        length = prompts.length_in_chunks(pipe, item.prompt, item.negative_prompt, item.emphasis)
-        groups.setdefault(length, []).append(item)
+        groups.setdefault(prompts.length_in_chunks(pipe, _texts(item), item.emphasis), []).append(item)
     return list(groups.values())
+
+
+def _texts(item: Item) -> list[str]:
+    """Every text the item's conditioning is encoded from, in each pass."""
+    steps = _evaluations(item, item.steps)
+    passes = [None] if item.hires is None else [None, _evaluations(item, item.hires.steps or item.steps)]
+    return [text for prompt in (item.prompt, item.negative_prompt) for hires_steps in passes
+            for _, text in schedules(prompt, steps, hires_steps)]
