@@ -89,7 +89,9 @@ def test_missing_store_key_is_refused_at_submission(farm_settings, redis_client)
 
 def test_submit_from_image_reproduces_it_bit_for_bit(farm_settings, workers_factory, s3_server, bucket, tmp_path, s3_env):
     workers_factory(farm_settings).start(1)
-    (tmp_path / "job.toml").write_text('prompts = ["a red circle, on white"]\nnegative_prompt = "blurry"\n'
+    # Emphasis, an emphasis mode and prompt editing must come back from the infotext too.
+    (tmp_path / "job.toml").write_text('prompts = ["a (red:1.3) [circle:square:3], on white"]\n'
+                                       'negative_prompt = "[blurry]"\nemphasis = "No norm"\n'
                                        'seeds = [42]\nsteps = 6\nsampler = "DPM++ 2M Karras"\ncfg_scale = 5.5\n'
                                        'clip_skip = 2\nwidth = 64\nheight = 64\nbatch_size = 1\n')
     board = JobBoard.from_url(farm_settings.broker_url)
@@ -103,3 +105,4 @@ def test_submit_from_image_reproduces_it_bit_for_bit(farm_settings, workers_fact
     assert result.returncode == 0, result.stderr
     again = _get(s3_server, bucket, f"{result.stdout.strip()}/images/000000-42.png")
     assert again == original
+    assert "Emphasis: No norm" in png.read_parameters(original)
