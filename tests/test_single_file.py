@@ -157,7 +157,7 @@ def test_sd2_config_pads_with_openclips_token(tmp_path):
     assert tokenizer.pad_token == "!" and tokenizer.pad_token_id == 0
 
 
-def test_sdxl_checkpoint_runs_img2img_hires_and_clip_skip(tiny_checkpoints, tmp_path):
+def test_sdxl_checkpoint_runs_img2img_and_hires_and_ignores_clip_skip(tiny_checkpoints, tmp_path):
     from PIL import Image
 
     root, made = tiny_checkpoints
@@ -172,7 +172,9 @@ def test_sdxl_checkpoint_runs_img2img_hires_and_clip_skip(tiny_checkpoints, tmp_
     plain = render.render(model, [Item(0, mode="txt2img", **base)], fetch)[0]
     skipped = render.render(model, [Item(0, mode="txt2img", clip_skip=2, **base)], fetch)[0]
     assert img2img[0].size == (64, 64) and hires[0].size == (96, 96)
-    assert plain.tobytes() != skipped.tobytes()
+    # SDXL's conditioner takes the penultimate layer whatever Clip skip says, as the webui does
+    # with its default "Clip skip SDXL" off.
+    assert plain.tobytes() == skipped.tobytes()
 
 
 def test_pickle_checkpoint_loads_only_with_the_operators_opt_in(tiny_checkpoints, tmp_path):
@@ -210,3 +212,68 @@ def test_even_with_the_opt_in_a_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(ModelError, match="refused by the restricted unpickler"):
         cache.get(str(path))
     assert not marker.exists()
+
+
+def test_sdxl_conditioning_is_both_encoders_penultimate_layers_emphasised_each_and_the_second_pooled(
+        tiny_checkpoints, tmp_path):
+    from workers import prompts
+
+    root, made = tiny_checkpoints
+    model = ModelCache(tmp_path, torch.device("cpu"), torch.float32, config_override=root / "configs").get(
+        str(made["sdxl"]))
+    pipe = model.pipe
+    with torch.inference_mode():
+        # A plain prompt is what diffusers encodes; an empty negative is zeros, as the webui zeroes it.
+        ours = prompts.PromptSchedule(pipe, ["a red circle"], [""], 4, xl=True).at(0)
+        theirs = pipe.encode_prompt("a red circle", device="cpu", negative_prompt=None)
+        for name, tensor in zip(("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                                 "negative_pooled_prompt_embeds"), theirs):
+            assert torch.equal(ours[name], tensor), name
+        assert not ours["negative_prompt_embeds"].any()
+
+        # Emphasis and a second chunk, by hand: each encoder weighs its own penultimate layer and
+        # restores its own mean; the pooled output is the second encoder's, first chunk, unweighted.
+        text = "a (red:1.4) circle BREAK blue"
+        hand, pooled = [], None
+        for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+            ids = [tokenizer(piece, add_special_tokens=False).input_ids for piece in ("a ", "red", " circle", "blue")]
+            first = [bos, *ids[0], *ids[1], *ids[2]]
+            rows = [first + [eos] * (77 - len(first)), [bos, *ids[3]] + [eos] * (76 - len(ids[3]))]
+            weights = [[1.0] * (1 + len(ids[0])) + [1.4] * len(ids[1]) + [1.0] * (76 - len(ids[0]) - len(ids[1])),
+                       [1.0] * 77]
+            chunks = []
+            for row, w in zip(rows, weights):
+                tokens = torch.tensor([row])
+                end = row.index(eos)
+                tokens[0, end + 1:] = pad
+                out = encoder(tokens, output_hidden_states=True)
+                z = out.hidden_states[-2]
+                if any(x != 1.0 for x in w):
+                    weighted = z * torch.tensor([w]).unsqueeze(-1)
+                    z = weighted * (z.mean() / weighted.mean())
+                chunks.append(z)
+                if pooled is None and hasattr(out, "text_embeds"):
+                    pooled = out.text_embeds
+            hand.append(torch.hstack(chunks))
+        conditioning, pooled_ours = prompts.ConditionerXL(pipe).encode([text])
+        assert torch.equal(conditioning, torch.cat(hand, dim=-1)) and torch.equal(pooled_ours, pooled)
+
+
+def test_sdxl_prompt_editing_switches_both_the_tokens_and_the_pooled_conditioning(tiny_checkpoints, tmp_path):
+    root, made = tiny_checkpoints
+    model = ModelCache(tmp_path, torch.device("cpu"), torch.float32, config_override=root / "configs").get(
+        str(made["sdxl"]))
+    seen = []
+    hook = model.pipe.unet.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append(kwargs["added_cond_kwargs"]["text_embeds"][1:].clone()), with_kwargs=True)
+    base = dict(negative_prompt="", seed=5, model="m", mode="txt2img", sampler="Euler", schedule_type="Automatic",
+                steps=4, cfg_scale=7.0, width=64, height=64)
+    try:
+        edited = render.render(model, [Item(0, prompt="a [red:blue:1] circle", **base)], None)[0]
+    finally:
+        hook.remove()
+    plain = [render.render(model, [Item(0, prompt=p, **base)], None)[0].tobytes() for p in ("a red circle",
+                                                                                          "a blue circle")]
+    assert edited.tobytes() not in plain
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2]) and torch.equal(seen[2], seen[3])

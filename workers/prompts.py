@@ -36,11 +36,15 @@ class _Chunk:
 
 
 class Conditioner:
-    """A pipeline's tokenizer and text encoder, used as the webui uses them."""
+    """A pipeline's tokenizer and text encoder, used as the webui uses them. `second` takes
+    SDXL's second pair; `xl` takes the penultimate layer as it is, as SDXL's conditioner does
+    (the webui ignores Clip skip there by default), and keeps the pooled output."""
 
-    def __init__(self, pipe, clip_skip: int = 1, emphasis: Emphasis = "Original"):
-        self.tokenizer, self.encoder = pipe.tokenizer, pipe.text_encoder
-        self.device, self.clip_skip, self.emphasis = pipe.device, clip_skip, emphasis
+    def __init__(self, pipe, clip_skip: int = 1, emphasis: Emphasis = "Original", *, second: bool = False,
+                 xl: bool = False):
+        self.tokenizer = pipe.tokenizer_2 if second else pipe.tokenizer
+        self.encoder = pipe.text_encoder_2 if second else pipe.text_encoder
+        self.device, self.clip_skip, self.emphasis, self.xl = pipe.device, clip_skip, emphasis, xl
         self.length = self.tokenizer.model_max_length - 2
         self.start, self.end = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         # SD1 pads with its end token; SD2 pads what follows the first end token with "!" (id 0).
@@ -92,35 +96,65 @@ class Conditioner:
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         """The conditioning of texts encoded together (emphasis restores the mean over all of
         them, chunk by chunk), shape (len(texts), chunks * (length + 2), width)."""
+        return self.encode(texts)[0]
+
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditioning, and the pooled output of the first chunk (an encoder with a
+        projection, SDXL's second) or None."""
         per_text = [self.chunks(text) for text in texts]
         count = max(len(chunks) for chunks in per_text)
         encoded = [self._encode([chunks[i] if i < len(chunks) else self._empty() for chunks in per_text])
                    for i in range(count)]
-        return torch.hstack(encoded).to(dtype=self.encoder.dtype)
+        pooled = encoded[0][1]
+        return (torch.hstack([z for z, _ in encoded]).to(dtype=self.encoder.dtype),
+                None if pooled is None else pooled.to(dtype=self.encoder.dtype))
 
     def _empty(self) -> _Chunk:
         return _Chunk([self.start, *[self.end] * (self.length + 1)], [1.0] * (self.length + 2))
 
-    def _encode(self, batch: list[_Chunk]) -> torch.Tensor:
+    def _encode(self, batch: list[_Chunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokens = torch.tensor([chunk.tokens for chunk in batch], device=self.device)
         if self.pad != self.end:
             for row, chunk in enumerate(batch):
                 tokens[row, chunk.tokens.index(self.end) + 1:] = self.pad
-        z = self.hidden_states(tokens)
-        if self.emphasis == "None":
-            return z
+        z, pooled = self.hidden_states(tokens)
+        if self.emphasis == "None" or all(w == 1.0 for chunk in batch for w in chunk.weights):
+            # Weights of 1 change nothing; skipping them keeps a zero-mean output from becoming 0/0.
+            return z, pooled
         weights = torch.tensor([chunk.weights for chunk in batch], device=self.device)
         original_mean = z.mean()
         z = z * weights.reshape(weights.shape + (1,)).expand(z.shape)
         if self.emphasis == "Original":
             z = z * (original_mean / z.mean())
-        return z
+        return z, pooled
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The text encoder's output for a token batch, `clip_skip` layers from the end."""
+    def hidden_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text encoder's output for a token batch: `clip_skip` layers from the end through
+        the final norm (SDXL: the penultimate layer as it is), and its pooled output if it has one."""
         out = self.encoder(tokens, output_hidden_states=True)
+        pooled = getattr(out, "text_embeds", None)
+        if self.xl:
+            return out.hidden_states[-2], pooled
         final_norm = getattr(self.encoder, "text_model", self.encoder).final_layer_norm
-        return final_norm(out.hidden_states[-self.clip_skip])
+        return final_norm(out.hidden_states[-self.clip_skip]), pooled
+
+
+class ConditionerXL:
+    """SDXL's two encoders as the webui's SDXL conditioner uses them: each reads the prompt into
+    its own chunks with its own emphasis, their outputs are joined token by token, and the pooled
+    output is the second encoder's for the first chunk."""
+
+    def __init__(self, pipe, emphasis: Emphasis = "Original"):
+        self.first = Conditioner(pipe, emphasis=emphasis, xl=True)
+        self.second = Conditioner(pipe, emphasis=emphasis, second=True, xl=True)
+
+    def chunk_count(self, text: str) -> int:
+        return max(self.first.chunk_count(text), self.second.chunk_count(text))
+
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        first, _ = self.first.encode(texts)
+        second, pooled = self.second.encode(texts)
+        return torch.cat([first, second], dim=-1), pooled
 
 
 def pad_to(conditioning: torch.Tensor, chunks: int, empty: torch.Tensor) -> torch.Tensor:
@@ -131,8 +165,9 @@ def pad_to(conditioning: torch.Tensor, chunks: int, empty: torch.Tensor) -> torc
     return torch.cat([conditioning, empty.repeat(conditioning.shape[0], missing, 1)], dim=1)
 
 
-#: A prompt's conditioning over sampling: (last evaluation, conditioning of shape (1, L, width)).
-Scheduled = list[tuple[int, torch.Tensor]]
+#: A prompt's conditioning over sampling: (last evaluation, conditioning of shape (1, L, width),
+#: pooled output of shape (1, width) or None).
+Scheduled = list[tuple[int, torch.Tensor, torch.Tensor | None]]
 
 
 class PromptSchedule:
@@ -140,35 +175,47 @@ class PromptSchedule:
     prompt editing and alternation. Each prompt is encoded on its own, its schedule's texts
     together (as the webui encodes them), so an image's conditioning never depends on the rest of
     its batch; the batch's prompts must come to the same number of chunks (`render` splits a
-    batch where they do not)."""
+    batch where they do not). On SDXL an empty negative prompt is zeros, as the webui has it."""
 
     def __init__(self, pipe, prompts: Sequence[str], negatives: Sequence[str], steps: int, *,
-                 hires_steps: int | None = None, clip_skip: int = 1, emphasis: Emphasis = "Original"):
-        conditioner = Conditioner(pipe, clip_skip, emphasis)
+                 hires_steps: int | None = None, clip_skip: int = 1, emphasis: Emphasis = "Original",
+                 xl: bool = False):
+        conditioner = ConditionerXL(pipe, emphasis) if xl else Conditioner(pipe, clip_skip, emphasis)
+        self.xl = xl
         self.positive = [self._encoded(conditioner, text, steps, hires_steps) for text in prompts]
-        self.negative = [self._encoded(conditioner, text, steps, hires_steps) for text in negatives]
-        self.empty = conditioner([""])
+        self.negative = [self._encoded(conditioner, text, steps, hires_steps, self.xl) for text in negatives]
+        self.empty = conditioner.encode([""])[0]
 
     @staticmethod
-    def _encoded(conditioner: Conditioner, prompt: str, steps: int, hires_steps: int | None) -> Scheduled:
+    def _encoded(conditioner, prompt: str, steps: int, hires_steps: int | None, zero_if_empty: bool = False
+                 ) -> Scheduled:
         entries = schedules(prompt, steps, hires_steps)
-        encoded = conditioner([text for _, text in entries])
-        return [(end, encoded[i:i + 1]) for i, (end, _) in enumerate(entries)]
+        encoded, pooled = conditioner.encode([text for _, text in entries])
+        if zero_if_empty and all(text == "" for _, text in entries):
+            encoded, pooled = torch.zeros_like(encoded), torch.zeros_like(pooled)
+        return [(end, encoded[i:i + 1], None if pooled is None else pooled[i:i + 1])
+                for i, (end, _) in enumerate(entries)]
 
     @property
     def changes(self) -> bool:
         return any(len(s) > 1 for s in self.positive + self.negative)
 
     def at(self, evaluation: int) -> dict:
-        """`prompt_embeds` and `negative_prompt_embeds` for the evaluation (counted from 0)."""
+        """The pipeline's prompt arguments for the evaluation (counted from 0): `prompt_embeds`
+        and `negative_prompt_embeds`, and on SDXL the pooled ones."""
         chunk = self.empty.shape[1]
-        positive, negative = [], []
+        out: dict[str, list] = {"prompt_embeds": [], "negative_prompt_embeds": [], "pooled_prompt_embeds": [],
+                                "negative_pooled_prompt_embeds": []}
         for p, n in zip(self.positive, self.negative):
-            p, n = _current(p, evaluation), _current(n, evaluation)
+            (p, p_pooled), (n, n_pooled) = _current(p, evaluation), _current(n, evaluation)
             longest = max(p.shape[1], n.shape[1]) // chunk
-            positive.append(pad_to(p, longest, self.empty))
-            negative.append(pad_to(n, longest, self.empty))
-        return {"prompt_embeds": torch.cat(positive), "negative_prompt_embeds": torch.cat(negative)}
+            out["prompt_embeds"].append(pad_to(p, longest, self.empty))
+            out["negative_prompt_embeds"].append(pad_to(n, longest, self.empty))
+            out["pooled_prompt_embeds"].append(p_pooled)
+            out["negative_pooled_prompt_embeds"].append(n_pooled)
+        if not self.xl:
+            del out["pooled_prompt_embeds"], out["negative_pooled_prompt_embeds"]
+        return {name: torch.cat(tensors) for name, tensors in out.items()}
 
     def switching(self, on_step=None):
         """A `callback_on_step_end` that hands the pipeline the next evaluation's conditioning
@@ -176,23 +223,31 @@ class PromptSchedule:
         def step(pipe, index: int, timestep, kwargs: dict) -> dict:
             kwargs = on_step(pipe, index, timestep, kwargs) if on_step is not None else kwargs
             text = self.at(index + 1)
-            embeds = text["prompt_embeds"]
-            if pipe.do_classifier_free_guidance:
-                embeds = torch.cat([text["negative_prompt_embeds"], embeds])
-            return {**kwargs, "prompt_embeds": embeds.to(kwargs["prompt_embeds"].dtype)}
+            changed = {"prompt_embeds": (text["negative_prompt_embeds"], text["prompt_embeds"])}
+            if self.xl:
+                changed["add_text_embeds"] = (text["negative_pooled_prompt_embeds"], text["pooled_prompt_embeds"])
+            for name, (negative, positive) in changed.items():
+                value = torch.cat([negative, positive]) if pipe.do_classifier_free_guidance else positive
+                kwargs = {**kwargs, name: value.to(kwargs[name].dtype)}
+            return kwargs
 
         return step
 
+    @staticmethod
+    def tensor_inputs(xl: bool) -> list[str]:
+        """What the pipeline must hand `switching`'s callback, and take back from it."""
+        return ["latents", "prompt_embeds", "add_text_embeds"] if xl else ["latents", "prompt_embeds"]
 
-def _current(scheduled: Scheduled, evaluation: int) -> torch.Tensor:
+
+def _current(scheduled: Scheduled, evaluation: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     # The first entry that lasts to this evaluation; past the last, the first (as the webui does).
-    for end, conditioning in scheduled:
+    for end, conditioning, pooled in scheduled:
         if evaluation <= end:
-            return conditioning
-    return scheduled[0][1]
+            return conditioning, pooled
+    return scheduled[0][1], scheduled[0][2]
 
 
-def length_in_chunks(pipe, texts: Sequence[str], emphasis: Emphasis = "Original") -> int:
+def length_in_chunks(pipe, texts: Sequence[str], emphasis: Emphasis = "Original", xl: bool = False) -> int:
     """How many chunks the longest of these texts encodes to."""
-    conditioner = Conditioner(pipe, emphasis=emphasis)
+    conditioner = ConditionerXL(pipe, emphasis) if xl else Conditioner(pipe, emphasis=emphasis)
     return max(conditioner.chunk_count(text) for text in texts)

@@ -56,22 +56,18 @@ def _evaluations(item: Item, steps: int) -> int:
 def _conditioning(model: LoadedModel, pipe, items: Sequence[Item], on_step, steps: int,
                   hires_steps: int | None = None) -> dict:
     """The prompt arguments of a pipeline call and its step callback: the webui's prompt language
-    for SD1 and SD2 (emphasis, chunks, prompt editing switched per evaluation)."""
+    (emphasis, chunks, prompt editing switched per evaluation)."""
     first = items[0]
     positive, negative = [item.prompt for item in items], [item.negative_prompt for item in items]
     # Always both keys, so that a second pass's arguments replace the first's whole.
     step = {"callback_on_step_end": on_step, "callback_on_step_end_tensor_inputs": ["latents"]}
-    if model.xl:
-        # SDXL's own encode path takes hidden states without touching text_model, so it works;
-        # diffusers counts skipped layers from its default (the webui's "Clip skip 1").
-        return {"prompt": positive, "negative_prompt": negative, "clip_skip": first.clip_skip - 1 or None, **step}
     with torch.inference_mode():
         schedule = prompts.PromptSchedule(pipe, positive, negative, steps, hires_steps=hires_steps,
-                                          clip_skip=first.clip_skip, emphasis=first.emphasis)
+                                          clip_skip=first.clip_skip, emphasis=first.emphasis, xl=model.xl)
         text = schedule.at(0)
     if schedule.changes:
         step = {"callback_on_step_end": schedule.switching(on_step),
-                "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"]}
+                "callback_on_step_end_tensor_inputs": schedule.tensor_inputs(model.xl)}
     return {**text, **step}
 
 
@@ -255,12 +251,12 @@ def render(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on
 
 
 def _by_conditioning_length(model: LoadedModel, items: Sequence[Item]) -> list[list[Item]]:
-    if model.xl or len(items) == 1:
+    if len(items) == 1:
         return [list(items)]
     pipe = model.pipeline(items[0].mode)
     groups: dict[int, list[Item]] = {}
     for item in items:
-        groups.setdefault(prompts.length_in_chunks(pipe, _texts(item), item.emphasis), []).append(item)
+        groups.setdefault(prompts.length_in_chunks(pipe, _texts(item), item.emphasis, model.xl), []).append(item)
     return list(groups.values())
 
 
