@@ -149,9 +149,13 @@ READ_BACK = {p.key: (p.field, p.read) for p in PARAMS if p.field}
 
 
 def for_item(item: "Item", *, model_name: str, model_hash: str, vae_name: str | None = None,
-             vae_hash: str | None = None, version: str) -> str:
-    """The `parameters` text of an image the farm drew for `item`."""
+             vae_hash: str | None = None, version: str, extra: Mapping[str, Any] | None = None) -> str:
+    """The `parameters` text of an image the farm drew for `item`; `extra` holds what only the
+    drawing knew (`TI hashes`), written where the webui writes it, before `Emphasis`."""
     params = {p.key: p.write(item) for p in PARAMS}
+    emphasis = params.pop("Emphasis")
+    params.update(extra or {})
+    params["Emphasis"] = emphasis
     params.update({"Model hash": model_hash or None, "Model": model_name, "VAE hash": vae_hash or None,
                    "VAE": vae_name})
     return build(item.prompt, item.negative_prompt, params, version=version)

@@ -59,6 +59,8 @@ class Settings:
     #: The operator's model folder: the names an HTTP client may ask for (beside the built-ins)
     #: are the checkpoints and diffusers folders below it. None: built-ins only over HTTP.
     model_dir: Path | None = None
+    #: Textual-inversion embeddings (`.safetensors`) that prompts use by file name (workers read it).
+    embeddings_dir: Path | None = None
     #: `farm serve`: the largest request body it reads; a larger one answers 413.
     api_max_body: int = 32 * 1024 * 1024
     #: `farm serve`: the most items one user may have waiting (queued or running) at once; a
@@ -90,6 +92,8 @@ class Settings:
             kwargs["webhook_secret"] = env["FARM_WEBHOOK_SECRET"]
         if env.get("FARM_MODEL_DIR"):
             kwargs["model_dir"] = Path(env["FARM_MODEL_DIR"])
+        if env.get("FARM_EMBEDDINGS_DIR"):
+            kwargs["embeddings_dir"] = Path(env["FARM_EMBEDDINGS_DIR"])
         if env.get("FARM_CACHE_DIR"):
             kwargs["cache_dir"] = Path(env["FARM_CACHE_DIR"])
         for name, var in (("max_batch", "FARM_MAX_BATCH"), ("inject_oom_above", "FARM_INJECT_OOM_ABOVE"),
@@ -129,6 +133,8 @@ class Settings:
             env["FARM_ALLOW_PICKLE_CHECKPOINTS"] = "1"
         if self.model_dir:
             env["FARM_MODEL_DIR"] = str(self.model_dir)
+        if self.embeddings_dir:
+            env["FARM_EMBEDDINGS_DIR"] = str(self.embeddings_dir)
         if self.webhook_secret:
             env["FARM_WEBHOOK_SECRET"] = self.webhook_secret
         if self.api_max_body != Settings.api_max_body:

@@ -184,7 +184,7 @@ def test_a_batch_of_prompts_of_different_lengths_draws_each_as_it_draws_alone(mo
     forward pass, so each image matches itself drawn alone up to the rounding of a batch size."""
     long = ", ".join(["red circle"] * 12)
     items = [_item(0, "a red circle"), _item(1, long), _item(2, "a (blue:1.3) square"), _item(3, long + " BREAK x")]
-    assert [prompts.length_in_chunks(model.pipe, [i.prompt, i.negative_prompt]) for i in items] == [1, 2, 1, 3]
+    assert [prompts.read(model.pipe, [i.prompt, i.negative_prompt])[0] for i in items] == [1, 2, 1, 3]
     together = render.render(model, items, None)
     alone = [render.render(model, [item], None)[0] for item in items]
     for a, b in zip(together, alone):
@@ -313,3 +313,72 @@ def test_a_batch_with_mixed_schedules_draws_each_image_as_a_batch_of_one_does(mo
     for a, b in zip(together, alone):
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 2
     assert len({image.tobytes() for image in together}) == 4
+
+
+# --- textual inversion ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory):
+    """Seeded embeddings for tiny-sd's 32-wide encoder: the webui's layout (two vectors), a diffusers
+    concept (one), and one 64 wide that fits no encoder here."""
+    from safetensors.torch import save_file
+
+    from workers.embeddings import EmbeddingLibrary
+
+    folder = tmp_path_factory.mktemp("embeddings")
+    generator = torch.Generator().manual_seed(11)
+    save_file({"emb_params": torch.randn(2, 32, generator=generator)}, str(folder / "redcat.safetensors"))
+    save_file({"<bluedog>": torch.randn(32, generator=generator)}, str(folder / "bluedog.safetensors"))
+    save_file({"emb_params": torch.randn(1, 64, generator=generator)}, str(folder / "wide.safetensors"))
+    (folder / "pickled.pt").write_bytes(b"never loaded")
+    return EmbeddingLibrary(folder)
+
+
+def test_an_embedding_named_in_the_prompt_replaces_its_tokens_with_its_vectors(model, embeddings):
+    from safetensors.torch import load_file
+
+    pipe = model.pipe
+    bos, eos = pipe.tokenizer.bos_token_id, pipe.tokenizer.eos_token_id
+    vectors = load_file(str(embeddings.folder / "redcat.safetensors"))["emb_params"]
+    a, circle = _tokens(pipe, "a "), _tokens(pipe, " circle")
+    row = [bos, *a, 0, 0, *circle]
+    row += [eos] * (77 - len(row))
+    layer = pipe.text_encoder.get_input_embeddings()
+
+    def by_hand(_module, _inputs, output):
+        output = output.clone()
+        output[0, 1 + len(a):3 + len(a)] = vectors
+        return output
+
+    with torch.inference_mode():
+        handle = layer.register_forward_hook(by_hand)
+        try:
+            expected = _encode(pipe, [row])
+        finally:
+            handle.remove()
+        conditioner = prompts.Conditioner(pipe, embeddings=embeddings)
+        assert torch.equal(conditioner(["a redcat circle"]), expected)
+        assert [e.name for e in conditioner.used] == ["redcat"]
+        # Too wide for this encoder: its name stays words, as the webui leaves such a file out.
+        plain = prompts.Conditioner(pipe)(["a wide circle"])
+        assert torch.equal(prompts.Conditioner(pipe, embeddings=embeddings)(["a wide circle"]), plain)
+    assert sorted(e.name for e in embeddings.embeddings) == ["bluedog", "redcat", "wide"]
+
+
+def test_ti_hashes_go_into_the_infotext_as_the_webui_writes_them(model, embeddings):
+    import hashlib
+
+    from farm import infotext
+
+    images = render.render(model, [_item(0, "a (redcat:1.2) circle", negative_prompt="bluedog"),
+                                   _item(1, "a red circle")], None, embeddings=embeddings)
+    digest = {name: hashlib.sha256((embeddings.folder / f"{name}.safetensors").read_bytes()).hexdigest()[:12]
+              for name in ("redcat", "bluedog")}
+    extra = images[0].info[render.EXTRA_PARAMS]
+    assert extra == {"TI hashes": f"redcat: {digest['redcat']}, bluedog: {digest['bluedog']}"}
+    assert render.EXTRA_PARAMS not in images[1].info
+    text = infotext.for_item(_item(0, "a (redcat:1.2) circle", negative_prompt="bluedog"), model_name="tiny-sd",
+                             model_hash="0123456789", version="v", extra=extra)
+    assert infotext.parse(text)["TI hashes"] == extra["TI hashes"]
+    plain = render.render(model, [_item(0, "a (redcat:1.2) circle", negative_prompt="bluedog")], None)[0]
+    assert plain.tobytes() != images[0].tobytes()

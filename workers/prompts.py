@@ -18,12 +18,14 @@ which transformers 5 removed).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from farm.prompts import BREAK_WEIGHT, Emphasis, pieces, schedules
+from workers.embeddings import Embedding, EmbeddingLibrary
 
 #: The webui's "comma_padding_backtrack": how far back a full chunk looks for a comma to cut at.
 COMMA_BACKTRACK = 20
@@ -33,6 +35,8 @@ COMMA_BACKTRACK = 20
 class _Chunk:
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    #: Embeddings to write over the token embeddings: (offset after the start token, embedding).
+    fixes: list[tuple[int, Embedding]] = field(default_factory=list)
 
 
 class Conditioner:
@@ -41,10 +45,15 @@ class Conditioner:
     (the webui ignores Clip skip there by default), and keeps the pooled output."""
 
     def __init__(self, pipe, clip_skip: int = 1, emphasis: Emphasis = "Original", *, second: bool = False,
-                 xl: bool = False):
+                 xl: bool = False, embeddings: EmbeddingLibrary | None = None):
         self.tokenizer = pipe.tokenizer_2 if second else pipe.tokenizer
         self.encoder = pipe.text_encoder_2 if second else pipe.text_encoder
         self.device, self.clip_skip, self.emphasis, self.xl = pipe.device, clip_skip, emphasis, xl
+        width = self.encoder.get_input_embeddings().embedding_dim
+        key = ("clip_g" if second else "clip_l") if xl else ""
+        self.matcher = embeddings.matcher(self.tokenizer, key, width) if embeddings else None
+        #: The embeddings the prompts read so far used, in order.
+        self.used: list[Embedding] = []
         self.length = self.tokenizer.model_max_length - 2
         self.start, self.end = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         # SD1 pads with its end token; SD2 pads what follows the first end token with "!" (id 0).
@@ -72,11 +81,14 @@ class Conditioner:
             if piece == "BREAK" and weight == BREAK_WEIGHT:
                 close()
                 continue
-            for token in tokens:
+            position = 0
+            while position < len(tokens):
+                token = tokens[position]
                 if token == self.comma:
                     last_comma = len(chunk.tokens)
                 elif len(chunk.tokens) == self.length and last_comma != -1 \
                         and len(chunk.tokens) - last_comma <= COMMA_BACKTRACK:
+                    # The webui moves the tokens, not the embeddings among them: so does farm.
                     cut = last_comma + 1
                     moved = _Chunk(chunk.tokens[cut:], chunk.weights[cut:])
                     del chunk.tokens[cut:], chunk.weights[cut:]
@@ -84,8 +96,20 @@ class Conditioner:
                     chunk = moved
                 if len(chunk.tokens) == self.length:
                     close()
-                chunk.tokens.append(token)
-                chunk.weights.append(weight)
+                found = self.matcher.at(tokens, position) if self.matcher else None
+                if found is None:
+                    chunk.tokens.append(token)
+                    chunk.weights.append(weight)
+                    position += 1
+                    continue
+                embedding, name_length = found
+                if len(chunk.tokens) + embedding.length > self.length:
+                    close()
+                chunk.fixes.append((len(chunk.tokens), embedding))
+                chunk.tokens += [0] * embedding.length
+                chunk.weights += [weight] * embedding.length
+                self.used.append(embedding)
+                position += name_length
         if chunk.tokens or not chunks:
             close()
         return chunks
@@ -117,7 +141,8 @@ class Conditioner:
         if self.pad != self.end:
             for row, chunk in enumerate(batch):
                 tokens[row, chunk.tokens.index(self.end) + 1:] = self.pad
-        z, pooled = self.hidden_states(tokens)
+        with self._embeddings_written([chunk.fixes for chunk in batch]):
+            z, pooled = self.hidden_states(tokens)
         if self.emphasis == "None" or all(w == 1.0 for chunk in batch for w in chunk.weights):
             # Weights of 1 change nothing; skipping them keeps a zero-mean output from becoming 0/0.
             return z, pooled
@@ -127,6 +152,31 @@ class Conditioner:
         if self.emphasis == "Original":
             z = z * (original_mean / z.mean())
         return z, pooled
+
+    @contextmanager
+    def _embeddings_written(self, fixes: list[list[tuple[int, Embedding]]]):
+        """Token embeddings with each chunk's embeddings written over its placeholder tokens."""
+        if not any(fixes):
+            yield
+            return
+        layer = self.encoder.get_input_embeddings()
+        key = self.matcher.key
+
+        def write(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
+            rows = []
+            for row, row_fixes in zip(output, fixes):
+                for offset, embedding in row_fixes:
+                    vectors = embedding.for_encoder(key, layer.embedding_dim).to(row)
+                    size = min(row.shape[0] - offset - 1, vectors.shape[0])
+                    row = torch.cat([row[:offset + 1], vectors[:size], row[offset + 1 + size:]])
+                rows.append(row)
+            return torch.stack(rows)
+
+        handle = layer.register_forward_hook(write)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def hidden_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The text encoder's output for a token batch: `clip_skip` layers from the end through
@@ -144,9 +194,13 @@ class ConditionerXL:
     its own chunks with its own emphasis, their outputs are joined token by token, and the pooled
     output is the second encoder's for the first chunk."""
 
-    def __init__(self, pipe, emphasis: Emphasis = "Original"):
-        self.first = Conditioner(pipe, emphasis=emphasis, xl=True)
-        self.second = Conditioner(pipe, emphasis=emphasis, second=True, xl=True)
+    def __init__(self, pipe, emphasis: Emphasis = "Original", embeddings: EmbeddingLibrary | None = None):
+        self.first = Conditioner(pipe, emphasis=emphasis, xl=True, embeddings=embeddings)
+        self.second = Conditioner(pipe, emphasis=emphasis, second=True, xl=True, embeddings=embeddings)
+
+    @property
+    def used(self) -> list[Embedding]:
+        return self.first.used + self.second.used
 
     def chunk_count(self, text: str) -> int:
         return max(self.first.chunk_count(text), self.second.chunk_count(text))
@@ -179,11 +233,16 @@ class PromptSchedule:
 
     def __init__(self, pipe, prompts: Sequence[str], negatives: Sequence[str], steps: int, *,
                  hires_steps: int | None = None, clip_skip: int = 1, emphasis: Emphasis = "Original",
-                 xl: bool = False):
-        conditioner = ConditionerXL(pipe, emphasis) if xl else Conditioner(pipe, clip_skip, emphasis)
+                 xl: bool = False, embeddings: EmbeddingLibrary | None = None):
+        conditioner = ConditionerXL(pipe, emphasis, embeddings) if xl else \
+            Conditioner(pipe, clip_skip, emphasis, embeddings=embeddings)
         self.xl = xl
-        self.positive = [self._encoded(conditioner, text, steps, hires_steps) for text in prompts]
-        self.negative = [self._encoded(conditioner, text, steps, hires_steps, self.xl) for text in negatives]
+        self.positive, self.negative, self.used = [], [], []
+        for prompt, negative in zip(prompts, negatives):
+            before = len(conditioner.used)
+            self.positive.append(self._encoded(conditioner, prompt, steps, hires_steps))
+            self.negative.append(self._encoded(conditioner, negative, steps, hires_steps, self.xl))
+            self.used.append(_unique(conditioner.used[before:]))
         self.empty = conditioner.encode([""])[0]
 
     @staticmethod
@@ -239,6 +298,10 @@ class PromptSchedule:
         return ["latents", "prompt_embeds", "add_text_embeds"] if xl else ["latents", "prompt_embeds"]
 
 
+def _unique(embeddings: list[Embedding]) -> list[Embedding]:
+    return list({id(e): e for e in embeddings}.values())
+
+
 def _current(scheduled: Scheduled, evaluation: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     # The first entry that lasts to this evaluation; past the last, the first (as the webui does).
     for end, conditioning, pooled in scheduled:
@@ -247,7 +310,14 @@ def _current(scheduled: Scheduled, evaluation: int) -> tuple[torch.Tensor, torch
     return scheduled[0][1], scheduled[0][2]
 
 
-def length_in_chunks(pipe, texts: Sequence[str], emphasis: Emphasis = "Original", xl: bool = False) -> int:
-    """How many chunks the longest of these texts encodes to."""
-    conditioner = ConditionerXL(pipe, emphasis) if xl else Conditioner(pipe, emphasis=emphasis)
-    return max(conditioner.chunk_count(text) for text in texts)
+def read(pipe, texts: Sequence[str], emphasis: Emphasis = "Original", xl: bool = False,
+         embeddings: EmbeddingLibrary | None = None) -> tuple[int, list[Embedding]]:
+    """How many chunks the longest of these texts encodes to, and the embeddings they use."""
+    conditioner = ConditionerXL(pipe, emphasis, embeddings) if xl else \
+        Conditioner(pipe, emphasis=emphasis, embeddings=embeddings)
+    return max(conditioner.chunk_count(text) for text in texts), _unique(conditioner.used)
+
+
+def ti_hashes(used: Sequence[Embedding]) -> str | None:
+    """The webui's `TI hashes` infotext value: "name: shorthash, ..."."""
+    return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.shorthash}" for e in used) or None

@@ -25,6 +25,8 @@ from workers.schedulers import make_scheduler
 
 #: Fetches an init image or mask by its `store:` key.
 Fetch = Callable[[str], Image.Image]
+#: The `Image.info` entry where a drawn image carries infotext only its drawing knew (TI hashes).
+EXTRA_PARAMS = "farm-extra-params"
 
 
 def _configured(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
@@ -37,11 +39,11 @@ def _configured(model: LoadedModel, mode: str, items: Sequence[Item], vae=None):
     return pipe
 
 
-def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None, on_step=None):
+def _prepared(model: LoadedModel, mode: str, items: Sequence[Item], vae=None, on_step=None, embeddings=None):
     first = items[0]
     pipe = _configured(model, mode, items, vae)
     common = dict(
-        **_conditioning(model, pipe, items, on_step, _evaluations(first, first.steps)),
+        **_conditioning(model, pipe, items, on_step, _evaluations(first, first.steps), embeddings=embeddings),
         guidance_scale=first.cfg_scale,
         generator=noise.generators([item.seed for item in items]),
         output_type="pil",
@@ -54,7 +56,7 @@ def _evaluations(item: Item, steps: int) -> int:
 
 
 def _conditioning(model: LoadedModel, pipe, items: Sequence[Item], on_step, steps: int,
-                  hires_steps: int | None = None) -> dict:
+                  hires_steps: int | None = None, embeddings=None) -> dict:
     """The prompt arguments of a pipeline call and its step callback: the webui's prompt language
     (emphasis, chunks, prompt editing switched per evaluation)."""
     first = items[0]
@@ -63,7 +65,8 @@ def _conditioning(model: LoadedModel, pipe, items: Sequence[Item], on_step, step
     step = {"callback_on_step_end": on_step, "callback_on_step_end_tensor_inputs": ["latents"]}
     with torch.inference_mode():
         schedule = prompts.PromptSchedule(pipe, positive, negative, steps, hires_steps=hires_steps,
-                                          clip_skip=first.clip_skip, emphasis=first.emphasis, xl=model.xl)
+                                          clip_skip=first.clip_skip, emphasis=first.emphasis, xl=model.xl,
+                                          embeddings=embeddings)
         text = schedule.at(0)
     if schedule.changes:
         step = {"callback_on_step_end": schedule.switching(on_step),
@@ -72,18 +75,18 @@ def _conditioning(model: LoadedModel, pipe, items: Sequence[Item], on_step, step
 
 
 def txt2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch | None = None, vae=None,
-            on_step=None) -> list[Image.Image]:
-    pipe, first, common = _prepared(model, "txt2img", items, vae, on_step)
+            on_step=None, embeddings=None) -> list[Image.Image]:
+    pipe, first, common = _prepared(model, "txt2img", items, vae, on_step, embeddings)
     latents = noise.batch_noise(items, scale=pipe.vae_scale_factor).to(pipe.device, pipe.unet.dtype)
     if first.hires:
-        return _hires(model, pipe, items, common, latents, vae, on_step)
+        return _hires(model, pipe, items, common, latents, vae, on_step, embeddings)
     with torch.inference_mode():
         return pipe(num_inference_steps=first.steps, width=first.width, height=first.height, latents=latents,
                     **common).images
 
 
 def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latents: torch.Tensor,
-           vae, on_step) -> list[Image.Image]:
+           vae, on_step, embeddings) -> list[Image.Image]:
     """The webui's hires fix: a first pass, an upscale, then img2img at the larger size running
     exactly the second-pass steps (the webui always "fixes" them there), from fresh seed noise."""
     first = items[0]
@@ -105,14 +108,15 @@ def _hires(model: LoadedModel, pipe, items: Sequence[Item], common: dict, latent
     plan = img2img_steps(hires.steps or first.steps, strength, fix_steps=strength > 0)
     # The second pass counts prompt-editing steps on from the first, as the webui does.
     text = _conditioning(model, second, items, on_step, _evaluations(first, first.steps),
-                         _evaluations(first, hires.steps or first.steps))
+                         _evaluations(first, hires.steps or first.steps), embeddings)
     with torch.inference_mode(), _seed_noise(second, items, (width, height)):
         return second(image=upscaled, strength=plan.diffusers_strength, num_inference_steps=plan.schedule,
                       **{**common, **text, "generator": noise.generators([item.seed for item in items])}).images
 
 
-def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None) -> list[Image.Image]:
-    pipe, first, common = _prepared(model, "img2img", items, vae, on_step)
+def img2img(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None,
+            embeddings=None) -> list[Image.Image]:
+    pipe, first, common = _prepared(model, "img2img", items, vae, on_step, embeddings)
     picture = images.flatten(fetch(first.init_image))
     if first.resize_mode == ResizeMode.LATENT_UPSCALE:
         init = _latent_upscaled(pipe, picture, first.width, first.height, common["generator"])
@@ -163,8 +167,9 @@ class _seed_noise:
         self.module.randn_tensor = self.original
 
 
-def inpaint(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None) -> list[Image.Image]:
-    pipe, first, common = _prepared(model, "inpaint", items, vae, on_step)
+def inpaint(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None,
+            embeddings=None) -> list[Image.Image]:
+    pipe, first, common = _prepared(model, "inpaint", items, vae, on_step, embeddings)
     width, height, batch = first.width, first.height, len(items)
     original = images.flatten(fetch(first.init_image))
     crop = None
@@ -233,31 +238,30 @@ class _initial_latents:
 RENDERERS = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}
 
 
-def render(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None) -> list[Image.Image]:
+def render(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None,
+           embeddings=None) -> list[Image.Image]:
     """Render a batch; `vae` is a loaded VAE override (workers.models.LoadedVae) or None;
-    `on_step` is a diffusers `callback_on_step_end` (progress, and the cancel check)."""
+    `on_step` is a diffusers `callback_on_step_end` (progress, and the cancel check);
+    `embeddings` the operator's textual inversions (workers.embeddings.EmbeddingLibrary)."""
     mode = items[0].mode
     if model.inpainting and mode != "inpaint":
         raise ModelError(f"{model.name} is an inpainting model (9-channel UNet); use it with mode = \"inpaint\"")
-    groups = _by_conditioning_length(model, items)
-    if len(groups) == 1:
-        return RENDERERS[mode](model, items, fetch, vae, on_step)
+    pipe = model.pipeline(mode)
+    read = {item.index: prompts.read(pipe, _texts(item), item.emphasis, model.xl, embeddings) for item in items}
     # Prompts of different lengths cannot share a conditioning tensor without padding that would
     # change their images: each length is its own batch, the images back in the items' order.
-    drawn: dict[int, Image.Image] = {}
-    for group in groups:
-        drawn.update(zip((item.index for item in group), RENDERERS[mode](model, group, fetch, vae, on_step)))
-    return [drawn[item.index] for item in items]
-
-
-def _by_conditioning_length(model: LoadedModel, items: Sequence[Item]) -> list[list[Item]]:
-    if len(items) == 1:
-        return [list(items)]
-    pipe = model.pipeline(items[0].mode)
     groups: dict[int, list[Item]] = {}
     for item in items:
-        groups.setdefault(prompts.length_in_chunks(pipe, _texts(item), item.emphasis, model.xl), []).append(item)
-    return list(groups.values())
+        groups.setdefault(read[item.index][0], []).append(item)
+    drawn: dict[int, Image.Image] = {}
+    for group in groups.values():
+        drawn.update(zip((item.index for item in group),
+                         RENDERERS[mode](model, group, fetch, vae, on_step, embeddings)))
+    for item in items:
+        hashes = prompts.ti_hashes(read[item.index][1])
+        if hashes:
+            drawn[item.index].info[EXTRA_PARAMS] = {"TI hashes": hashes}
+    return [drawn[item.index] for item in items]
 
 
 def _texts(item: Item) -> list[str]:

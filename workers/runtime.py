@@ -19,6 +19,7 @@ from farm.jobs import JobBoard
 from farm.settings import Settings
 from farm.store import Store, open_store
 from workers.device import describe, dtype_for, select_device
+from workers.embeddings import EmbeddingLibrary
 from workers.models import ModelCache
 from workers.reporting import Pace
 
@@ -39,6 +40,8 @@ class Runtime:
     #: The largest batch that fitted, by (model, mode, width, height, hires), learnt from
     #: out-of-memory errors; kept for the life of the process.
     safe_batch: dict = field(default_factory=dict)
+    #: The operator's textual-inversion embeddings, read on first use.
+    embeddings: EmbeddingLibrary = field(default_factory=lambda: EmbeddingLibrary(None))
     pace: Pace = field(default_factory=Pace)
     #: Model loads last written to the worker's live hash.
     published_loads: int = -1
@@ -58,6 +61,7 @@ class Runtime:
                               allow_pickle=settings.allow_pickle, compile_unet=settings.compile_unet),
             redis=client,
             board=JobBoard(client),
+            embeddings=EmbeddingLibrary(settings.embeddings_dir),
         )
         log.info("worker process ready on %s", runtime.device_name)
         return runtime

@@ -205,7 +205,7 @@ def _render_batches(runtime: Runtime, model, items, fetch, vae, on_step) -> tupl
         try:
             if runtime.settings.inject_oom_above and len(part) > runtime.settings.inject_oom_above:
                 raise torch.OutOfMemoryError(f"injected: batch of {len(part)} > {runtime.settings.inject_oom_above}")
-            pictures += render.render(model, part, fetch, vae, on_step)
+            pictures += render.render(model, part, fetch, vae, on_step, runtime.embeddings)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
                 raise
@@ -264,7 +264,7 @@ class Drawn:
         model, vae, chunk = self.model, self.vae, self.chunk
         text = infotext.for_item(item, model_name=model.name, model_hash=model.hash,
                                  vae_name=vae.name if vae else None, vae_hash=vae.hash if vae else None,
-                                 version=f"farm {__version__}")
+                                 version=f"farm {__version__}", extra=image.info.get(render.EXTRA_PARAMS))
         data = png.encode(image, text)
         key = keys.image(chunk.job_id, item.index, item.seed)
         record = {
