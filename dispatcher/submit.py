@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from kombu.exceptions import OperationalError
 
 from dispatcher.inputs import upload_inputs
-from farm import __version__, fairshare, keys
+from farm import __version__, fairshare, keys, loras
 from farm.celery_app import make_celery
 from farm.errors import BrokerUnavailable, SpecError
 from farm.jobs import JobBoard
@@ -53,6 +53,8 @@ def submit(spec: JobSpec, settings: Settings, user: str | None = None, store: St
     user = check_user(user or default_user())
     if spec.webhook and not settings.webhook_secret:
         raise SpecError.single("webhook", "this farm signs webhooks with FARM_WEBHOOK_SECRET, and none is set")
+    if problems := loras.check(spec, settings.lora_dir):
+        raise SpecError(problems)
     store = store or open_store(settings.require_store(), settings)
     job_id = keys.new_job_id(spec.name)
 

@@ -4,7 +4,7 @@ Emphasis: `(text)` multiplies the attention paid to its tokens by 1.1, `[text]` 
 1.1, `(text:1.5)` multiplies it by 1.5; brackets nest, so `((text))` is 1.21. `\\(`, `\\)`,
 `\\[`, `\\]` and `\\\\` are the characters themselves. A bracket left open applies to the end
 of the prompt; a closing one with nothing open is text. `BREAK` (a word of its own, in capitals)
-ends the current 75-token chunk.
+ends the current 75-token chunk. `<lora:NAME:WEIGHT>` names a LoRA and is taken out of the text.
 
 Prompt editing: `[from:to:when]` draws `from` until step `when`, then `to`; `[to:when]` adds,
 `[from::when]` removes; `when` is a step number, or with a decimal point a fraction of the
@@ -18,6 +18,7 @@ This module only reads the text; `workers/prompts.py` turns what it reads into c
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -90,13 +91,54 @@ def _number(text: str) -> float:
         raise ValueError(f"the emphasis weight {text!r} is not a number") from None
 
 
-def problem(text: str) -> str | None:
+@dataclass(frozen=True)
+class LoraRef:
+    """`<lora:NAME:WEIGHT>` or `<lora:NAME:TE_WEIGHT:UNET_WEIGHT>` (or `te=`, `unet=` by name)."""
+
+    name: str
+    te: float = 1.0
+    unet: float = 1.0
+
+    @property
+    def shown(self) -> str:
+        return f"<lora:{self.name}:{self.te:g}>" if self.te == self.unet else \
+            f"<lora:{self.name}:{self.te:g}:{self.unet:g}>"
+
+
+def extra_networks(text: str) -> tuple[str, list[LoraRef]]:
+    """The prompt without its `<...>` tags, and the LoRAs they name, in order (as the webui's
+    `extra_networks.parse_prompt` and its Lora network read them). ValueError names a tag that
+    is no LoRA or whose weight is no number."""
+    loras: list[LoraRef] = []
+
+    def found(match: re.Match) -> str:
+        kind, args = match.group(1), match.group(2).split(":")
+        if kind != "lora":
+            raise ValueError(f"{match.group(0)}: the farm applies LoRA (<lora:...>) only, not {kind}")
+        positional = [a for a in args if "=" not in a]
+        named = dict(a.split("=", 1) for a in args if "=" in a)
+        if not positional or not positional[0]:
+            raise ValueError(f"{match.group(0)}: names no LoRA")
+        try:
+            te = float(positional[1]) if len(positional) > 1 else 1.0
+            te = float(named.get("te", te))
+            unet = float(positional[2]) if len(positional) > 2 else te
+            unet = float(named.get("unet", unet))
+        except ValueError:
+            raise ValueError(f"{match.group(0)}: a LoRA weight must be a number") from None
+        loras.append(LoraRef(positional[0], te, unet))
+        return ""
+
+    return _EXTRA_NETWORK.sub(found, text), loras
+
+
+def problem(text: str, negative: bool = False) -> str | None:
     """Why the farm cannot draw this prompt as the webui would, or None."""
-    networks = [m.group(0) for m in _EXTRA_NETWORK.finditer(text)]
-    if networks:
-        return f"{networks[0]}: extra networks (LoRA, hypernetworks) are not supported yet"
     try:
-        parse_attention(text)
+        stripped, loras = extra_networks(text)
+        if loras and negative:
+            return f"{loras[0].shown}: a LoRA applies from the prompt, not the negative prompt"
+        parse_attention(stripped)
     except ValueError as e:
         return str(e)
     return None

@@ -61,6 +61,9 @@ class Settings:
     model_dir: Path | None = None
     #: Textual-inversion embeddings (`.safetensors`) that prompts use by file name (workers read it).
     embeddings_dir: Path | None = None
+    #: LoRA files (`.safetensors`) that prompts name with `<lora:NAME:WEIGHT>`; the dispatcher
+    #: checks them at submission and the workers load them, so both must see this folder.
+    lora_dir: Path | None = None
     #: `farm serve`: the largest request body it reads; a larger one answers 413.
     api_max_body: int = 32 * 1024 * 1024
     #: `farm serve`: the most items one user may have waiting (queued or running) at once; a
@@ -94,6 +97,8 @@ class Settings:
             kwargs["model_dir"] = Path(env["FARM_MODEL_DIR"])
         if env.get("FARM_EMBEDDINGS_DIR"):
             kwargs["embeddings_dir"] = Path(env["FARM_EMBEDDINGS_DIR"])
+        if env.get("FARM_LORA_DIR"):
+            kwargs["lora_dir"] = Path(env["FARM_LORA_DIR"])
         if env.get("FARM_CACHE_DIR"):
             kwargs["cache_dir"] = Path(env["FARM_CACHE_DIR"])
         for name, var in (("max_batch", "FARM_MAX_BATCH"), ("inject_oom_above", "FARM_INJECT_OOM_ABOVE"),
@@ -135,6 +140,8 @@ class Settings:
             env["FARM_MODEL_DIR"] = str(self.model_dir)
         if self.embeddings_dir:
             env["FARM_EMBEDDINGS_DIR"] = str(self.embeddings_dir)
+        if self.lora_dir:
+            env["FARM_LORA_DIR"] = str(self.lora_dir)
         if self.webhook_secret:
             env["FARM_WEBHOOK_SECRET"] = self.webhook_secret
         if self.api_max_body != Settings.api_max_body:

@@ -134,6 +134,12 @@ def _prompt(value: str) -> str:
     return value
 
 
+def _negative_prompt(value: str) -> str:
+    if (why := prompts.problem(value, negative=True)) is not None:
+        raise ValueError(why)
+    return value
+
+
 def _sampler_name(value: str) -> str:
     try:
         samplers.resolve(value)
@@ -209,6 +215,7 @@ CfgScale = Annotated[float, _Range(1, 30)]
 Side = Annotated[int, _Range(64, 2048), AfterValidator(_multiple_of_8), Field(json_schema_extra={"multipleOf": 8})]
 Seed = Annotated[int, AfterValidator(_seed)]
 Prompt = Annotated[str, AfterValidator(_prompt)]
+NegativePrompt = Annotated[Prompt, AfterValidator(_negative_prompt)]
 SamplerName = Annotated[str, AfterValidator(_sampler_name)]
 ScheduleName = Annotated[str, AfterValidator(_schedule_name)]
 ModelRef = Annotated[str, AfterValidator(_model)]
@@ -271,7 +278,7 @@ class JobSpec(BaseModel):
     mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
     model: ModelRef = "tiny-sd"
     prompts: Annotated[list[Prompt], AfterValidator(_not_empty("prompt")), Field(max_length=MAX_ITEMS)]
-    negative_prompt: Prompt = ""
+    negative_prompt: NegativePrompt = ""
     seeds: Seeds = [-1]
     steps: Steps = 20
     cfg_scale: CfgScale = 7.0
@@ -324,6 +331,16 @@ class JobSpec(BaseModel):
         if problems:
             raise SpecError(problems)
         return self
+
+    def loras(self) -> dict[str, list[int]]:
+        """Each LoRA the job names (in its prompts and its prompt_sr values), with the prompts
+        that name it; for the submission's check against the LoRA folder."""
+        found: dict[str, list[int]] = {}
+        texts = list(self.prompts) + [str(v) for v in self.grid.get(PROMPT_SR, [])]
+        for i, text in enumerate(texts):
+            for lora in prompts.extra_networks(text)[1]:
+                found.setdefault(lora.name, []).append(i)
+        return found
 
     @property
     def init_images(self) -> list[str]:

@@ -20,6 +20,7 @@ from farm import checkpoints
 from farm.errors import ModelError
 from farm.spec import PICKLE_SUFFIXES
 from workers import shapes, single_file, tiny
+from workers.lora import Applied
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class LoadedModel:
     scheduler_config: dict
     #: The model's own VAE, kept apart: a chunk with a VAE override swaps `pipe.vae`.
     own_vae: object = None
+    #: The LoRA set merged into the weights now (kept until a batch needs another).
+    loras: Applied = field(default_factory=Applied)
     _pipes: dict = field(default_factory=dict)
 
     def pipeline(self, mode: str):

@@ -17,7 +17,7 @@ from farm import samplers
 from farm.denoise import img2img_steps
 from farm.errors import ModelError
 from farm.plan import Item
-from farm.prompts import schedules
+from farm.prompts import extra_networks, schedules
 from farm.spec import ResizeMode, hires_size
 from workers import images, noise, prompts
 from workers.models import LoadedModel
@@ -60,7 +60,7 @@ def _conditioning(model: LoadedModel, pipe, items: Sequence[Item], on_step, step
     """The prompt arguments of a pipeline call and its step callback: the webui's prompt language
     (emphasis, chunks, prompt editing switched per evaluation)."""
     first = items[0]
-    positive, negative = [item.prompt for item in items], [item.negative_prompt for item in items]
+    positive, negative = [_text(item) for item in items], [item.negative_prompt for item in items]
     # Always both keys, so that a second pass's arguments replace the first's whole.
     step = {"callback_on_step_end": on_step, "callback_on_step_end_tensor_inputs": ["latents"]}
     with torch.inference_mode():
@@ -239,34 +239,52 @@ RENDERERS = {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint}
 
 
 def render(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on_step=None,
-           embeddings=None) -> list[Image.Image]:
+           embeddings=None, loras=None) -> list[Image.Image]:
     """Render a batch; `vae` is a loaded VAE override (workers.models.LoadedVae) or None;
     `on_step` is a diffusers `callback_on_step_end` (progress, and the cancel check);
-    `embeddings` the operator's textual inversions (workers.embeddings.EmbeddingLibrary)."""
+    `embeddings` and `loras` the operator's textual inversions and LoRAs (workers.embeddings,
+    workers.lora)."""
     mode = items[0].mode
     if model.inpainting and mode != "inpaint":
         raise ModelError(f"{model.name} is an inpainting model (9-channel UNet); use it with mode = \"inpaint\"")
     pipe = model.pipeline(mode)
     read = {item.index: prompts.read(pipe, _texts(item), item.emphasis, model.xl, embeddings) for item in items}
+    networks = {item.index: tuple(extra_networks(item.prompt)[1]) for item in items}
     # Prompts of different lengths cannot share a conditioning tensor without padding that would
-    # change their images: each length is its own batch, the images back in the items' order.
-    groups: dict[int, list[Item]] = {}
+    # change their images, and different LoRA sets cannot share weights: each is its own batch,
+    # the images back in the items' order.
+    groups: dict[tuple, list[Item]] = {}
     for item in items:
-        groups.setdefault(read[item.index][0], []).append(item)
+        groups.setdefault((read[item.index][0], networks[item.index]), []).append(item)
     drawn: dict[int, Image.Image] = {}
-    for group in groups.values():
+    for (_, refs), group in groups.items():
+        if refs and loras is None:
+            raise ModelError(f"{refs[0].shown}: this worker has no LoRA folder (FARM_LORA_DIR)")
+        model.loras.use(pipe, refs, loras)
         drawn.update(zip((item.index for item in group),
                          RENDERERS[mode](model, group, fetch, vae, on_step, embeddings)))
     for item in items:
-        hashes = prompts.ti_hashes(read[item.index][1])
-        if hashes:
-            drawn[item.index].info[EXTRA_PARAMS] = {"TI hashes": hashes}
+        extra = {"Lora hashes": _lora_hashes(networks[item.index], loras),
+                 "TI hashes": prompts.ti_hashes(read[item.index][1])}
+        if any(extra.values()):
+            drawn[item.index].info[EXTRA_PARAMS] = {k: v for k, v in extra.items() if v}
     return [drawn[item.index] for item in items]
+
+
+def _lora_hashes(refs, loras) -> str | None:
+    """The webui's `Lora hashes` value: "name: shorthash, ..." for every LoRA the prompt names."""
+    names = {ref.name.replace(":", "").replace(",", ""): loras.get(ref.name).shorthash for ref in refs}
+    return ", ".join(f"{name}: {digest}" for name, digest in names.items()) or None
+
+
+def _text(item: Item) -> str:
+    """The item's prompt as the text encoder reads it: without its `<lora:...>` tags."""
+    return extra_networks(item.prompt)[0]
 
 
 def _texts(item: Item) -> list[str]:
     """Every text the item's conditioning is encoded from, in each pass."""
     steps = _evaluations(item, item.steps)
     passes = [None] if item.hires is None else [None, _evaluations(item, item.hires.steps or item.steps)]
-    return [text for prompt in (item.prompt, item.negative_prompt) for hires_steps in passes
+    return [text for prompt in (_text(item), item.negative_prompt) for hires_steps in passes
             for _, text in schedules(prompt, steps, hires_steps)]

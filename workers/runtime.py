@@ -20,6 +20,7 @@ from farm.settings import Settings
 from farm.store import Store, open_store
 from workers.device import describe, dtype_for, select_device
 from workers.embeddings import EmbeddingLibrary
+from workers.lora import LoraLibrary
 from workers.models import ModelCache
 from workers.reporting import Pace
 
@@ -42,6 +43,8 @@ class Runtime:
     safe_batch: dict = field(default_factory=dict)
     #: The operator's textual-inversion embeddings, read on first use.
     embeddings: EmbeddingLibrary = field(default_factory=lambda: EmbeddingLibrary(None))
+    #: The operator's LoRAs, each read once.
+    loras: LoraLibrary = field(default_factory=lambda: LoraLibrary(None))
     pace: Pace = field(default_factory=Pace)
     #: Model loads last written to the worker's live hash.
     published_loads: int = -1
@@ -62,6 +65,7 @@ class Runtime:
             redis=client,
             board=JobBoard(client),
             embeddings=EmbeddingLibrary(settings.embeddings_dir),
+            loras=LoraLibrary(settings.lora_dir),
         )
         log.info("worker process ready on %s", runtime.device_name)
         return runtime

@@ -205,7 +205,7 @@ def _render_batches(runtime: Runtime, model, items, fetch, vae, on_step) -> tupl
         try:
             if runtime.settings.inject_oom_above and len(part) > runtime.settings.inject_oom_above:
                 raise torch.OutOfMemoryError(f"injected: batch of {len(part)} > {runtime.settings.inject_oom_above}")
-            pictures += render.render(model, part, fetch, vae, on_step, runtime.embeddings)
+            pictures += render.render(model, part, fetch, vae, on_step, runtime.embeddings, runtime.loras)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
                 raise
