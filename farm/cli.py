@@ -41,8 +41,9 @@ from farm.spec import load_spec
 
 app = typer.Typer(help="farm: a distributed render farm for Stable Diffusion.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-console = Console(stderr=True)
-out = Console(soft_wrap=True)
+# No emoji codes: a prompt's "<lora:x:1>" must print as written, not with ":x:" as an emoji.
+console = Console(stderr=True, emoji=False)
+out = Console(soft_wrap=True, emoji=False)
 
 EXIT_DONE, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_SERVICE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 

@@ -25,6 +25,8 @@ CHANGED = {
     "inject_oom_above": 5,
     "preload": ("shapes-sd", "/models/mine"),
     "model_dir": Path("/srv/models"),
+    "embeddings_dir": Path("/srv/embeddings"),
+    "lora_dir": Path("/srv/loras"),
     "api_max_body": 1024,
     "api_max_queued": 7,
     "webhook_secret": "s3cr3t",
