@@ -14,6 +14,8 @@ from workers.shapes.world import PALETTE
 
 #: RGB distance from the background beyond which a pixel belongs to a shape.
 _FOREGROUND = 60.0
+#: A shape is a ring when the hole it encloses is at least this share of it with the hole filled.
+_HOLE_SHARE = 0.05
 _NAMES = list(PALETTE)
 _RGB = np.array([PALETTE[n] for n in _NAMES], dtype=np.float32)
 
@@ -66,6 +68,14 @@ def shape_class(mask: np.ndarray) -> str | None:
     if fill >= 0.89:
         return "square"
     return "circle" if fill >= 0.64 else "triangle"
+
+
+def has_hole(mask: np.ndarray) -> bool:
+    """The shape encloses a patch of background (a ring, not a disc)."""
+    from scipy import ndimage
+
+    filled = ndimage.binary_fill_holes(mask)
+    return bool(filled.sum() >= 20 and filled.sum() - mask.sum() >= _HOLE_SHARE * filled.sum())
 
 
 def shape_colour(px: np.ndarray, mask: np.ndarray) -> str | None:

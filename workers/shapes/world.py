@@ -31,6 +31,8 @@ NEUTRALS = {
 }
 PALETTE = {**COLOURS, **NEUTRALS}
 SHAPES = ("circle", "square", "triangle")
+#: A ring's hole, inset from the circle's box by this share of its side on each side.
+RING_INSET = 0.27
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,9 @@ class Scene:
             return parts
         return f"{parts} on {article(self.background)} {self.background} background"
 
-    def draw(self) -> Image.Image:
+    def draw(self, rings: bool = False) -> Image.Image:
+        """The picture; with `rings`, every circle has a hole of the background's colour (what the
+        `shapes-ring` LoRA teaches)."""
         scale = _SUPERSAMPLE
         image = Image.new("RGB", (SIZE * scale, SIZE * scale), PALETTE[self.background])
         pen = ImageDraw.Draw(image)
@@ -66,6 +70,10 @@ class Scene:
             colour = COLOURS[s.colour]
             if s.kind == "circle":
                 pen.ellipse((left, top, right - 1, bottom - 1), fill=colour)
+                if rings:
+                    inset = (right - left) * RING_INSET
+                    pen.ellipse((left + inset, top + inset, right - 1 - inset, bottom - 1 - inset),
+                                fill=PALETTE[self.background])
             elif s.kind == "square":
                 pen.rectangle((left, top, right - 1, bottom - 1), fill=colour)
             else:
