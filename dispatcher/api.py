@@ -263,7 +263,7 @@ def _add_body_limit(app: FastAPI, limit: int) -> None:
 def spec_from_request(data: Any, settings: Settings, folder: Path):
     """A JobSpec from a request body. Validated as `farm submit` validates a file, with what a
     remote client may not do refused: naming files on the server (prompts_file, local image
-    paths, model paths outside the operator's model folder). Init images and masks come as
+    paths and LoRA files, model paths outside the operator's model folder). Init images and masks come as
     base64 (or a data: URL), written to `folder` for the submission to upload, or as store: keys."""
     if not isinstance(data, dict):
         raise SpecError.single("spec", f"must be a JSON object, got {type(data).__name__}")
@@ -280,6 +280,10 @@ def spec_from_request(data: Any, settings: Settings, folder: Path):
             data[field] = [_image_ref(v, f"{field}[{i}]", folder, problems) for i, v in enumerate(value)]
         elif value is not None:
             data[field] = _image_ref(value, field, folder, problems)
+    if isinstance(data.get("loras"), dict):
+        for name, ref in data["loras"].items():
+            if isinstance(ref, str) and not ref.startswith(STORE_PREFIX):
+                problems.append((f"loras.{name}", "names a file on the server; give a store: key"))
     if problems:
         raise SpecError(problems)
     return parse_spec(data, base_dir=settings.model_dir or folder, allow_pickle=settings.allow_pickle)

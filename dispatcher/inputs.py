@@ -1,4 +1,5 @@
-"""Init images and masks: uploaded to the job's store at submission, so messages carry keys.
+"""Init images, masks and the job's own LoRA files: uploaded to the job's store at submission,
+so messages carry keys.
 
 A local path in the spec becomes `store:<job>/inputs/<sha256>.<ext>`; a `store:` key
 already in the spec is checked to exist. Workers read both from the store.
@@ -16,7 +17,7 @@ from farm.store import Store, check_key
 
 
 def upload_inputs(spec: JobSpec, store: Store, job_id: str) -> JobSpec:
-    if spec.mode == "txt2img":
+    if spec.mode == "txt2img" and not spec.loras:
         return spec
     uploaded: dict[str, str] = {}
 
@@ -38,6 +39,10 @@ def upload_inputs(spec: JobSpec, store: Store, job_id: str) -> JobSpec:
         return uploaded[ref]
 
     changes: dict = {}
+    if spec.loras:
+        changes["loras"] = {name: place(ref, f"loras.{name}") for name, ref in spec.loras.items()}
+    if spec.mode == "txt2img":
+        return spec.model_copy(update=changes)
     if isinstance(spec.init_image, str):
         changes["init_image"] = place(spec.init_image, "init_image")
     else:

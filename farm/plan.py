@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, astuple, dataclass
 from typing import Iterator
 
-from farm import samplers
+from farm import prompts, samplers
 from farm.spec import PROMPT_SR, JobSpec
 
 
@@ -65,12 +65,17 @@ class Item:
     inpaint_area: str | None = None
     padding: int = 0
     invert_mask: bool = False
+    #: The job's own LoRA files that the prompt names: (name, `store:` key), by name.
+    loras: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict:
-        """JSON-ready; hires as its four values in order, the form messages and records carry."""
+        """JSON-ready; hires as its four values in order, the form messages and records carry.
+        `loras` only when there are any, so the records of jobs without keep their digests."""
         data = asdict(self)
         if self.hires is not None:
             data["hires"] = list(astuple(self.hires))
+        if not self.loras:
+            del data["loras"]
         return data
 
     @classmethod
@@ -80,6 +85,8 @@ class Item:
             data["resize_seed_from"] = tuple(data["resize_seed_from"])
         if data.get("hires") is not None:
             data["hires"] = HiresPass(*data["hires"])
+        if data.get("loras"):
+            data["loras"] = tuple(tuple(pair) for pair in data["loras"])
         return cls(**data)
 
 
@@ -166,7 +173,12 @@ class Plan:
             inpaint_area=spec.inpaint_area if inpaint else None,
             padding=spec.padding if inpaint else 0,
             invert_mask=spec.invert_mask if inpaint else False,
+            loras=self._job_loras(prompt) if spec.loras else (),
         )
+
+    def _job_loras(self, prompt: str) -> tuple[tuple[str, str], ...]:
+        named = {ref.name for ref in prompts.extra_networks(prompt)[1]}
+        return tuple(sorted((name, ref) for name, ref in self.spec.loras.items() if name in named))
 
     def _cell_values(self, cell: int) -> dict:
         values = {}

@@ -195,6 +195,21 @@ def _webhook_url(value: str) -> str:
     return value
 
 
+def _lora_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,127}", value):
+        raise ValueError(f"a LoRA's name is 1-128 letters, digits, spaces, '.', '_' or '-', got {value[:80]!r}")
+    return value
+
+
+def _lora_file(value: str) -> str:
+    if value.lower().endswith(PICKLE_SUFFIXES):
+        raise ValueError(f"{Path(value).name} is a pickle-format LoRA, which farm never loads; convert it to "
+                         ".safetensors")
+    if not value.lower().endswith(".safetensors"):
+        raise ValueError(f"must be a .safetensors file (a path or a store: key), got {value[:80]!r}")
+    return value
+
+
 def _job_name(value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
         raise ValueError(
@@ -219,6 +234,8 @@ NegativePrompt = Annotated[Prompt, AfterValidator(_negative_prompt)]
 SamplerName = Annotated[str, AfterValidator(_sampler_name)]
 ScheduleName = Annotated[str, AfterValidator(_schedule_name)]
 ModelRef = Annotated[str, AfterValidator(_model)]
+LoraName = Annotated[str, AfterValidator(_lora_name)]
+LoraRef = Annotated[str, AfterValidator(_lora_file)]
 
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 
@@ -313,6 +330,10 @@ class JobSpec(BaseModel):
     padding: Annotated[int, _Range(0, 256)] = 32
     invert_mask: bool = False
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    #: LoRAs the job brings, by the name its prompts give them (`<lora:NAME:W>`): a local
+    #: .safetensors file, uploaded to the job's store at submission, or a store: key. They are
+    #: found before the operator's FARM_LORA_DIR.
+    loras: dict[LoraName, LoraRef] = Field(default_factory=dict)
     #: Receives a signed POST of the job's summary when it ends (farm/webhooks.py).
     webhook: Annotated[str, AfterValidator(_webhook_url)] | None = None
     #: Also POST each stored image's record to `webhook`, as it is stored.
@@ -332,7 +353,7 @@ class JobSpec(BaseModel):
             raise SpecError(problems)
         return self
 
-    def loras(self) -> dict[str, list[int]]:
+    def named_loras(self) -> dict[str, list[int]]:
         """Each LoRA the job names (in its prompts and its prompt_sr values), with the prompts
         that name it; for the submission's check against the LoRA folder."""
         found: dict[str, list[int]] = {}
@@ -543,7 +564,25 @@ def parse_spec(data: Any, base_dir: Path | None = None, allow_pickle: bool = Fal
         spec = JobSpec.model_validate(data, context={"allow_pickle": allow_pickle})
     except ValidationError as e:
         raise SpecError(_problems(e)) from None
+    spec = _with_checked_loras(spec, base_dir or Path.cwd())
     return _with_checked_images(spec, base_dir or Path.cwd())
+
+
+def _with_checked_loras(spec: JobSpec, base_dir: Path) -> JobSpec:
+    """The job's own LoRA files as absolute paths, each checked to be a file; store: keys are
+    checked at submission."""
+    resolved, problems = {}, []
+    for name, ref in spec.loras.items():
+        if ref.startswith(STORE_PREFIX):
+            resolved[name] = ref
+            continue
+        path = (base_dir / ref).expanduser().resolve()
+        if not path.is_file():
+            problems.append((f"loras.{name}", f"no such file: {path}"))
+        resolved[name] = str(path)
+    if problems:
+        raise SpecError(problems)
+    return spec.model_copy(update={"loras": resolved}) if resolved else spec
 
 
 def _with_checked_images(spec: JobSpec, base_dir: Path) -> JobSpec:

@@ -102,3 +102,5 @@ def mutations(base: dict = BASE) -> Iterator[tuple[str, str, dict]]:
     yield "variation_strength: 2", "variation_strength", _set(base, "variation_strength", 2)
     yield "prompts_file: a file on the server", "prompts_file", _set(base, "prompts_file", "/etc/passwd")
     yield "vae: a path outside the model folder", "vae", _set(base, "vae", "../vae.safetensors")
+    yield "loras: a pickle", "loras.x", _set(base, "loras", {"x": "store:x.ckpt"})
+    yield "loras: not a table", "loras", _set(base, "loras", ["store:x.safetensors"])

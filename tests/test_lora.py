@@ -6,6 +6,7 @@ made here, seeded, for tiny-sd."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from farm import loras
-from farm.plan import Item
+from farm.errors import ModelError, SpecError
+from farm.plan import Item, Plan
 from farm.prompts import LoraRef, extra_networks
 from farm.spec import parse_spec
 from workers import prompts, render
@@ -90,7 +92,7 @@ def test_a_lora_the_farm_cannot_load_is_refused_at_submission_with_its_name_and_
         ("prompts.2", "<lora:old>: old.pt is a pickle-format LoRA, which farm never loads; convert it to .safetensors"),
         ("grid.prompt_sr[2]", f"<lora:gone>: no gone.safetensors in the LoRA folder {lora_dir}")]
     assert loras.check(parse_spec({"prompts": ["<lora:x:1>"]}), None) == [
-        ("prompts.0", "<lora:x>: this farm has no LoRA folder (FARM_LORA_DIR)")]
+        ("prompts.0", "<lora:x>: this farm has no LoRA folder (FARM_LORA_DIR), and the job's [loras] does not name it")]
     assert loras.check(parse_spec({"prompts": ["<lora:../x:1>"]}), lora_dir)[0][1].endswith(
         "a LoRA is named by its file name in the LoRA folder")
 
@@ -152,4 +154,49 @@ def test_a_batch_of_different_lora_sets_draws_each_image_as_a_batch_of_one_does(
     for a, b in zip(together, alone):
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 2
     assert len({image.tobytes() for image in together}) == 4
+    model.loras.use(model.pipe, [], library)
+
+
+def test_a_job_brings_its_own_loras_checked_where_it_is_parsed(tmp_path):
+    (tmp_path / "mine.safetensors").write_bytes(b"read by the worker, not here")
+    spec = parse_spec({"prompts": ["a <lora:mine:0.5> cat", "a dog"], "loras": {"mine": "mine.safetensors"}},
+                      base_dir=tmp_path)
+    assert spec.loras == {"mine": str(tmp_path / "mine.safetensors")}
+    assert loras.check(spec, None) == []
+    for table, field, reason in (
+            ({"mine": "gone.safetensors"}, "loras.mine", f"no such file: {tmp_path / 'gone.safetensors'}"),
+            ({"mine": "old.pt"}, "loras.mine", "old.pt is a pickle-format LoRA, which farm never loads"),
+            ({"mine": "notes.txt"}, "loras.mine", "must be a .safetensors file"),
+            ({"../up": "mine.safetensors"}, "loras", "a LoRA's name is 1-128 letters")):
+        with pytest.raises(SpecError) as refused:
+            parse_spec({"prompts": ["a <lora:mine:0.5> cat"], "loras": table}, base_dir=tmp_path)
+        (got_field, got_reason), = refused.value.problems
+        assert got_field.startswith(field) and reason in got_reason, refused.value.problems
+
+
+def test_only_the_items_that_name_a_job_lora_carry_its_store_key_and_messages_keep_it():
+    spec = parse_spec({"prompts": ["a <lora:mine:0.5> cat", "a dog"], "seeds": [1],
+                       "loras": {"mine": "store:team/mine.safetensors", "other": "store:team/other.safetensors"}})
+    plan = Plan(spec, "job-1")
+    named, plain = plan.item(0), plan.item(1)
+    assert named.loras == (("mine", "store:team/mine.safetensors"),) and plain.loras == ()
+    assert Item.from_dict(json.loads(json.dumps(named.to_dict()))) == named
+    assert "loras" not in plain.to_dict()  # the records of jobs without keep their digests
+
+
+def test_a_job_lora_fetched_from_the_store_draws_as_the_same_file_in_the_folder(model, lora_dir):
+    data = (lora_dir / "kohya-red.safetensors").read_bytes()
+    library = LoraLibrary(lora_dir)
+    library.fetch([_item(0, "x", loras=(("mine", "store:job/inputs/abc.safetensors"),))],
+                  {"job/inputs/abc.safetensors": data}.__getitem__)
+    from_store = render.render(model, [_item(0, "a red circle <lora:mine:0.8>",
+                                             loras=(("mine", "store:job/inputs/abc.safetensors"),))], None,
+                               loras=library)[0]
+    from_folder = render.render(model, [_item(0, "a red circle <lora:kohya-red:0.8>")], None, loras=library)[0]
+    assert from_store.tobytes() == from_folder.tobytes()
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    assert from_store.info[render.EXTRA_PARAMS]["Lora hashes"] == f"mine: {digest}"
+    with pytest.raises(ModelError, match="not a readable .safetensors"):
+        library.fetch([_item(0, "x", loras=(("bad", "store:job/inputs/bad.safetensors"),))],
+                      {"job/inputs/bad.safetensors": b"\x00garbage"}.__getitem__)
     model.loras.use(model.pipe, [], library)

@@ -89,8 +89,9 @@ def test_missing_store_key_is_refused_at_submission(farm_settings, redis_client)
 
 def test_submit_from_image_reproduces_it_bit_for_bit(farm_settings, workers_factory, s3_server, bucket, tmp_path, s3_env):
     workers_factory(farm_settings).start(1)
-    # Emphasis, an emphasis mode and prompt editing must come back from the infotext too.
-    (tmp_path / "job.toml").write_text('prompts = ["a (red:1.3) [circle:square:3], on white"]\n'
+    # Emphasis, an emphasis mode, prompt editing and a LoRA must come back from the infotext too.
+    (tmp_path / "job.toml").write_text('model = "shapes-sd"\n'
+                                       'prompts = ["a (red:1.3) [circle:square:3], on white <lora:shapes-ring:0.7>"]\n'
                                        'negative_prompt = "[blurry]"\nemphasis = "No norm"\n'
                                        'seeds = [42]\nsteps = 6\nsampler = "DPM++ 2M Karras"\ncfg_scale = 5.5\n'
                                        'clip_skip = 2\nwidth = 64\nheight = 64\nbatch_size = 1\n')
@@ -105,4 +106,29 @@ def test_submit_from_image_reproduces_it_bit_for_bit(farm_settings, workers_fact
     assert result.returncode == 0, result.stderr
     again = _get(s3_server, bucket, f"{result.stdout.strip()}/images/000000-42.png")
     assert again == original
-    assert "Emphasis: No norm" in png.read_parameters(original)
+    parameters = png.read_parameters(original)
+    assert "Emphasis: No norm" in parameters and 'Lora hashes: "shapes-ring: ' in parameters
+
+
+def test_a_job_brings_its_own_lora_through_the_store(farm_settings, workers_factory, s3_server, bucket, tmp_path):
+    import hashlib
+
+    from farm import loras
+
+    workers_factory(farm_settings).start(1)
+    shipped = loras.find(None, "shapes-ring")
+    (tmp_path / "mine.safetensors").write_bytes(shipped.read_bytes())
+    spec = parse_spec({"model": "shapes-sd", "prompts": ["a red circle on a white background <lora:mine:1>",
+                                                         "a red circle on a white background <lora:shapes-ring:1>"],
+                       "loras": {"mine": "mine.safetensors"}, "seeds": [5], "steps": 8, "width": 64, "height": 64,
+                       "batch_size": 1}, base_dir=tmp_path)
+    board = JobBoard.from_url(farm_settings.broker_url)
+    job = submit(spec, farm_settings).job_id
+    assert wait_job(board, job).state is JobState.DONE
+    key = json.loads(_get(s3_server, bucket, f"{job}/job.json"))["spec"]["loras"]["mine"]
+    assert key.startswith(f"store:{job}/inputs/") and key.endswith(".safetensors")
+    assert _get(s3_server, bucket, key.removeprefix("store:")) == shipped.read_bytes()
+    theirs, ours = (_get(s3_server, bucket, f"{job}/images/{i:06d}-5.png") for i in (0, 1))
+    assert Image.open(io.BytesIO(theirs)).tobytes() == Image.open(io.BytesIO(ours)).tobytes()
+    digest = hashlib.sha256(shipped.read_bytes()).hexdigest()[:12]
+    assert f'Lora hashes: "mine: {digest}"' in png.read_parameters(theirs)

@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load
 
 from farm import loras
 from farm.errors import ModelError
+from farm.plan import Item
 from farm.prompts import LoraRef
+from farm.spec import STORE_PREFIX
+
+#: The job-supplied LoRA files a worker keeps read, by store key.
+KEEP_STORED = 8
 
 _KOHYA = re.compile(r"^lora_(unet|te|te1|te2)_(.+)\.(lora_down|lora_up|alpha)(?:\.weight)?$")
 _DIFFUSERS = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
@@ -41,8 +48,16 @@ class LoraFile:
 
     @classmethod
     def read(cls, path: Path) -> "LoraFile":
+        return cls.parse(path.stem, path.read_bytes(), path.name)
+
+    @classmethod
+    def parse(cls, name: str, data: bytes, source: str) -> "LoraFile":
+        try:
+            tensors = load(data)
+        except (SafetensorError, ValueError) as e:
+            raise ModelError(f"<lora:{name}>: {source} is not a readable .safetensors file ({e})") from None
         layers: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-        for key, tensor in load_file(str(path)).items():
+        for key, tensor in tensors.items():
             kohya, diffusers = _KOHYA.match(key), _DIFFUSERS.match(key)
             if kohya:
                 part, layer, role = _PART[kohya.group(1)], kohya.group(2), _ROLE[kohya.group(3)]
@@ -53,8 +68,8 @@ class LoraFile:
                 continue
             layers.setdefault((part, layer.removeprefix("text_model_")), {})[role] = tensor
         if not layers:
-            raise ModelError(f"{path.name} holds no LoRA layers in a layout farm reads (kohya's or diffusers')")
-        return cls(path.stem, hashlib.sha256(path.read_bytes()).hexdigest()[:12], layers)
+            raise ModelError(f"{source} holds no LoRA layers in a layout farm reads (kohya's or diffusers')")
+        return cls(name, hashlib.sha256(data).hexdigest()[:12], layers)
 
 
 def delta(layer: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
@@ -68,12 +83,32 @@ def delta(layer: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LoraLibrary:
-    """The operator's LoRA folder; files are read once and kept (a worker reuses them)."""
+    """The operator's LoRA folder (and farm's own), read once per file and kept (a worker reuses
+    them), and the LoRA files jobs bring in their store, by key."""
 
     folder: Path | None
     _files: dict[str, LoraFile] = field(default_factory=dict)
+    _stored: OrderedDict[str, LoraFile] = field(default_factory=OrderedDict)
 
-    def get(self, name: str) -> LoraFile:
+    def fetch(self, items: Iterable[Item], read: Callable[[str], bytes]) -> None:
+        """Read the job's own LoRA files that these items name (`read` gets a store key's bytes)."""
+        for item in items:
+            for name, ref in item.loras:
+                key = ref.removeprefix(STORE_PREFIX)
+                if key in self._stored:
+                    self._stored.move_to_end(key)
+                    continue
+                self._stored[key] = LoraFile.parse(name, read(key), key)
+                while len(self._stored) > KEEP_STORED:
+                    self._stored.popitem(last=False)
+
+    def get(self, name: str, source: str | None = None) -> LoraFile:
+        """The LoRA a prompt names: the job's own file when `source` (its store: key) is given."""
+        if source is not None:
+            key = source.removeprefix(STORE_PREFIX)
+            if key not in self._stored:
+                raise ModelError(f"<lora:{name}>: the job's file {key} was not fetched from the store")
+            return self._stored[key]
         if name not in self._files:
             try:
                 path = loras.find(self.folder, name)
@@ -87,19 +122,23 @@ class Applied:
     """The LoRA set a model's weights hold now, and the original weights it replaced."""
 
     def __init__(self):
-        self.refs: tuple[LoraRef, ...] = ()
+        self.refs: tuple[tuple[LoraRef, str | None], ...] = ()
         self.originals: dict[torch.nn.Module, torch.Tensor] = {}
 
-    def use(self, pipe, refs: Iterable[LoraRef], library: LoraLibrary) -> None:
-        """Make the pipeline's weights those of `refs` (restoring first if another set is on)."""
-        refs = tuple(r for r in refs if r.te or r.unet)  # weight 0 is the model itself, exactly
-        if refs == self.refs:
+    def use(self, pipe, refs: Iterable[LoraRef], library: LoraLibrary,
+            sources: Mapping[str, str] | None = None) -> None:
+        """Make the pipeline's weights those of `refs` (restoring first if another set is on);
+        `sources` maps the names of the job's own LoRAs to their store keys."""
+        sources = sources or {}
+        # Weight 0 is the model itself, exactly.
+        wanted = tuple((r, sources.get(r.name)) for r in refs if r.te or r.unet)
+        if wanted == self.refs:
             return
         self.restore()
         with torch.no_grad():
-            for ref in refs:
-                self._apply(pipe, ref, library.get(ref.name))
-        self.refs = refs
+            for ref, source in wanted:
+                self._apply(pipe, ref, library.get(ref.name, source))
+        self.refs = wanted
 
     def _apply(self, pipe, ref: LoraRef, lora: LoraFile) -> None:
         modules = _layer_modules(pipe)

@@ -260,20 +260,21 @@ def render(model: LoadedModel, items: Sequence[Item], fetch: Fetch, vae=None, on
     for (_, refs), group in groups.items():
         if refs and loras is None:
             raise ModelError(f"{refs[0].shown}: this worker has no LoRA folder (FARM_LORA_DIR)")
-        model.loras.use(pipe, refs, loras)
+        model.loras.use(pipe, refs, loras, dict(group[0].loras))
         drawn.update(zip((item.index for item in group),
                          RENDERERS[mode](model, group, fetch, vae, on_step, embeddings)))
     for item in items:
-        extra = {"Lora hashes": _lora_hashes(networks[item.index], loras),
+        extra = {"Lora hashes": _lora_hashes(networks[item.index], loras, dict(item.loras)),
                  "TI hashes": prompts.ti_hashes(read[item.index][1])}
         if any(extra.values()):
             drawn[item.index].info[EXTRA_PARAMS] = {k: v for k, v in extra.items() if v}
     return [drawn[item.index] for item in items]
 
 
-def _lora_hashes(refs, loras) -> str | None:
+def _lora_hashes(refs, loras, sources: dict[str, str]) -> str | None:
     """The webui's `Lora hashes` value: "name: shorthash, ..." for every LoRA the prompt names."""
-    names = {ref.name.replace(":", "").replace(",", ""): loras.get(ref.name).shorthash for ref in refs}
+    names = {ref.name.replace(":", "").replace(",", ""): loras.get(ref.name, sources.get(ref.name)).shorthash
+             for ref in refs}
     return ", ".join(f"{name}: {digest}" for name, digest in names.items()) or None
 
 

@@ -156,6 +156,7 @@ def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: lis
     first = chunk.items[0]
     model = runtime.models.get(first.model)
     vae = runtime.models.vae(first.vae) if first.vae else None
+    runtime.loras.fetch(chunk.items, lambda key: with_backoff(lambda: store.get(key), f"fetching {key}"))
     if runtime.models.loads != runtime.published_loads:
         pool.publish(runtime.redis, worker, models=runtime.models.refs(), loads=runtime.models.loads)
         runtime.published_loads = runtime.models.loads
