@@ -280,6 +280,9 @@ def spec_from_request(data: Any, settings: Settings, folder: Path):
             data[field] = [_image_ref(v, f"{field}[{i}]", folder, problems) for i, v in enumerate(value)]
         elif value is not None:
             data[field] = _image_ref(value, field, folder, problems)
+    export = data.get("export")
+    if isinstance(export, dict) and isinstance(export.get("dest"), str) and not export["dest"].startswith("s3://"):
+        problems.append(("export.dest", "names a folder on the server; give s3://bucket/prefix"))
     if isinstance(data.get("loras"), dict):
         for name, ref in data["loras"].items():
             if isinstance(ref, str) and not ref.startswith(STORE_PREFIX):

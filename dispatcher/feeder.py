@@ -35,7 +35,6 @@ from farm.message import RenderMessage
 from farm.plan import Plan
 from farm.pool import WorkerView
 from farm.settings import Settings
-from farm.spec import JobSpec
 from farm.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -71,9 +70,7 @@ class JobView(JobHeader):
 
 def load_plan(store: Store, job_id: str) -> Plan:
     """A job's plan, rebuilt from the job.json written at submission."""
-    job = json.loads(store.get(keys.job_json(job_id)))
-    # Validated when it was submitted; the workers still refuse pickles unless allowed.
-    return Plan(JobSpec.model_validate(job["spec"], context={"allow_pickle": True}), job_id)
+    return Plan.from_job_json(json.loads(store.get(keys.job_json(job_id))), job_id)
 
 
 class Feeder:

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 
+from dispatcher import exports
 from dispatcher.feeder import Feeder
 from farm import keys, webhooks
 from farm.celery_app import make_celery
@@ -36,6 +37,7 @@ def serve(settings: Settings, stop: threading.Event | None = None, tick: float =
         # Its own thread: a slow receiver must not hold up the feeder.
         courier = webhooks.Courier(connect(settings, socket_timeout=30), settings.webhook_secret)
         threading.Thread(target=courier.run, args=(stop,), name="farm-webhooks", daemon=True).start()
+    exports.start_in_thread(connect(settings, socket_timeout=30), settings, stop)
     feeder = Feeder(client, make_celery(settings), settings)
     me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
     delay = 0.5

@@ -82,7 +82,7 @@ def register(board: JobBoard, job_id: str, plan: Plan, *, store_url: str, user: 
     spec = plan.spec
     board.create(job_id, total=plan.item_count, chunks=plan.chunk_count, store_url=store_url, user=user,
                  name=spec.name or "", lane=spec.lane, priority=spec.priority, created=created,
-                 webhook=spec.webhook, webhook_each=spec.webhook_each)
+                 webhook=spec.webhook, webhook_each=spec.webhook_each, export=spec.export is not None)
     fairshare.enlist(board, job_id, spec.lane, user, created)
 
 

@@ -149,6 +149,8 @@ def run(
                 with console.status("starting a worker (loads torch and the model)..."):
                     farm.wait_ready()
                 status = _follow_with_bar(farm.board, submitted.job_id, submitted.items)
+                if job.export is not None and status.state is not JobState.CANCELLED:
+                    _wait_export(farm.board, submitted.job_id)
                 job_dir = out_dir / submitted.job_id
                 _say_sheet(write_job_sheet(job_dir))
                 typer.echo(str(job_dir))
@@ -157,6 +159,14 @@ def run(
                 # The job has ended and all of it is stored: no warm shutdown to wait for.
                 farm.stop(kill=True)
         raise typer.Exit(_finish_code(status))
+
+
+def _wait_export(board: JobBoard, job_id: str) -> None:
+    """The embedded dispatcher exports the job as its spec's [export] asks; wait for it."""
+    with console.status("exporting the job as its [export] asks..."):
+        while (state := board.header(job_id).export_state) in ("queued", "running", ""):
+            time.sleep(0.25)
+    console.print(f"export {state}", highlight=False, markup=False)
 
 
 def _serve_extra():
@@ -276,6 +286,8 @@ def status(
             table.add_column(column, justify="right")
         table.add_row(str(s.total), str(s.queued), str(s.running), str(s.done), str(s.failed), _eta(s))
         out.print(table)
+        if s.export_state:
+            out.print(f"export: {s.export_state}", highlight=False, markup=False)
         for index, reason in sorted(s.failures.items())[:20]:
             out.print(f"item {index}: {reason}", highlight=False, markup=False)
 
@@ -308,6 +320,48 @@ def results(
         images = sum(1 for f in files if "/images/" in f)
         _say_sheet(write_job_sheet(out_dir / job_id))
         out.print(f"{images} images in {out_dir / job_id}", highlight=False)
+
+
+@app.command("export")
+def export_job(
+    job_id: str = typer.Argument(...),
+    dest: str = typer.Argument(..., help="a folder, or s3://bucket/prefix (the store's credentials)"),
+    fmt: str = typer.Option(..., "--format", help="imagefolder, webdataset or parquet"),
+    shard_size: int = typer.Option(10_000, "--shard-size", help="images per shard (webdataset, parquet)"),
+    shard_bytes: Optional[str] = typer.Option(None, "--shard-bytes",
+                                              help="start a new shard past this many image bytes (500MB, 1GB)"),
+    resume: bool = typer.Option(False, "--resume", help="skip the shards (and images) a killed run finished"),
+    broker: Optional[str] = BrokerOpt,
+    store: Optional[str] = StoreOpt,
+    endpoint_url: Optional[str] = EndpointOpt,
+):
+    """Export a job's images as a dataset: imagefolder (Hugging Face datasets), WebDataset shards or
+    Parquet. A job still running exports what is done."""
+    from farm import export as exporting
+    from farm.store import open_store
+
+    with _errors():
+        settings = _settings(broker, store, endpoint_url)
+        source = _job_store(_board(settings) if settings.broker_url else None, job_id, settings)
+        job = exporting.StoredJob(source, job_id)
+        target = open_store(dest, settings)
+        limit = exporting.parse_size(shard_bytes) if shard_bytes else None
+        with _progress() as bar:
+            task = bar.add_task("exporting", total=job.done_count, detail=fmt)
+            report = exporting.export(job, target, fmt, shard_size=shard_size, shard_bytes=limit, resume=resume,
+                                      on_row=lambda n: bar.update(task, completed=n))
+        _say_export(report)
+
+
+def _say_export(report) -> None:
+    shards = f" ({len(report.written)} written, {len(report.skipped)} already there)" if report.skipped else ""
+    out.print(f"exported {report.exported} of {report.total} images to {report.dest} as {report.format}{shards}",
+              highlight=False)
+    if report.missing:
+        out.print(f"{report.missing} images are not rendered yet: export again when the job has ended",
+                  highlight=False)
+    if report.failed:
+        out.print(f"{report.failed} items failed: their reasons are in failed.jsonl", highlight=False)
 
 
 @app.command()

@@ -132,6 +132,10 @@ class JobHeader:
     #: Where the job's end (and, with webhook_each, each stored image) is posted; "" for nowhere.
     webhook: str = ""
     webhook_each: bool = False
+    #: The spec has an [export]: the dispatcher exports the job when it ends.
+    export: bool = False
+    #: "", then queued, running, `done: ...` or `failed: ...`.
+    export_state: str = ""
 
     @classmethod
     def parse(cls, job_id: str, raw: dict) -> "JobHeader":
@@ -145,6 +149,7 @@ class JobHeader:
             user=data.get("user", ""), name=data.get("name", ""), lane=data.get("lane", "batch"),
             priority=int(data.get("priority", 0)), seconds_per_item=optional("seconds_per_item"),
             webhook=data.get("webhook", ""), webhook_each=data.get("webhook_each") == "1",
+            export=data.get("export") == "1", export_state=data.get("export_state", ""),
         )
 
     @property
@@ -183,6 +188,7 @@ class JobStatus(JobHeader):
             "eta_seconds": self.eta_seconds, "created": self.created, "started": self.started,
             "completed": self.completed, "workers": self.workers,
             "failures": {str(k): v for k, v in sorted(self.failures.items())},
+            "export": self.export_state or None,
         }
 
 
@@ -217,7 +223,7 @@ class JobBoard:
 
     def create(self, job_id: str, *, total: int, chunks: int, store_url: str, user: str, name: str = "",
                lane: str = "batch", priority: int = 0, created: float | None = None, webhook: str | None = None,
-               webhook_each: bool = False) -> None:
+               webhook_each: bool = False, export: bool = False) -> None:
         """Write a job's state; the feeder sees it once it is in its lane (farm.fairshare.enlist)."""
         now = created or time.time()
         with self.redis.pipeline() as pipe:
@@ -227,6 +233,7 @@ class JobBoard:
                 "store": store_url, "user": user, "name": name, "created": now, "lane": lane,
                 "priority": priority,
                 **({"webhook": webhook, "webhook_each": int(webhook_each)} if webhook else {}),
+                **({"export": 1} if export else {}),
             })
             pipe.zadd(keys.JOBS_INDEX, {job_id: now})
             pipe.zadd(keys.user_jobs(user), {job_id: now})
@@ -256,6 +263,9 @@ class JobBoard:
             pipe.delete(keys.handed_back(job_id))
             pipe.zrem(keys.lane_jobs(status.lane), job_id)
             pipe.rpush(keys.ended(job_id), state.value)
+            if status.export and state is not JobState.CANCELLED:
+                pipe.hset(keys.job_hash(job_id), "export_state", "queued")
+                pipe.rpush(keys.EXPORTS, job_id)
             for key in keys.job_keys(job_id):
                 pipe.expire(key, keys.FINISHED_JOB_TTL)
             pipe.execute()
@@ -263,6 +273,9 @@ class JobBoard:
             webhooks.enqueue(self.redis, webhooks.job_ended_id(job_id), status.webhook,
                              {"event": "job.ended", **self.status(job_id).summary()})
         return state
+
+    def set_export_state(self, job_id: str, state: str) -> None:
+        self.redis.hset(keys.job_hash(job_id), "export_state", state[:2000])
 
     def wait_ended(self, job_id: str, timeout: float) -> bool:
         """Block until the job ends or `timeout` seconds pass; True if it ended meanwhile."""

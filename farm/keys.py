@@ -48,6 +48,16 @@ def record(job_id: str, index: int) -> str:
     return f"{check_job_id(job_id)}/records/{index:06d}.json"
 
 
+def failure_record(job_id: str, index: int) -> str:
+    """An item that failed for good, with the reason; the job's store then says what is missing
+    and why without Redis (`farm export`'s failed.jsonl)."""
+    return f"{check_job_id(job_id)}/failures/{index:06d}.json"
+
+
+def failure_records_prefix(job_id: str) -> str:
+    return f"{check_job_id(job_id)}/failures/"
+
+
 def records_prefix(job_id: str) -> str:
     return f"{check_job_id(job_id)}/records/"
 
@@ -202,6 +212,15 @@ def worker_queue(queue: str, worker: str) -> str:
 #: List the workers and `farm submit` push to, so the dispatcher tops up at once instead of at
 #: its next tick.
 FEEDER_WAKE = f"{PREFIX}:feeder:wake"
+#: List: ended jobs whose spec asks for an [export], for a dispatcher to export.
+EXPORTS = f"{PREFIX}:exports"
+#: List: the exports a dispatcher has taken and not finished (a restarted one takes them again).
+EXPORTS_RUNNING = f"{PREFIX}:exports:running"
+
+
+def export_lock(job_id: str) -> str:
+    """String with a TTL, renewed while a dispatcher exports the job."""
+    return f"{PREFIX}:job:{job_id}:export-lock"
 #: One feeder at a time, whichever dispatcher holds this.
 FEEDER_LOCK = f"{PREFIX}:feeder:lock"
 #: A running dispatcher's heartbeat (expires when it stops).

@@ -116,6 +116,12 @@ class Plan:
             self.cells *= len(values)
         self.chunks_per_cell = -(-self.cell_size // spec.batch_size)
 
+    @classmethod
+    def from_job_json(cls, job: dict, job_id: str) -> "Plan":
+        """A job's plan from the job.json written at submission. The spec was validated then; the
+        workers still refuse pickles unless the operator allows them."""
+        return cls(JobSpec.model_validate(job["spec"], context={"allow_pickle": True}), job_id)
+
     @property
     def item_count(self) -> int:
         return self.cells * self.cell_size

@@ -264,6 +264,30 @@ class Hires(BaseModel):
         return hires_size(width, height, self.scale)
 
 
+def _shard_bytes(value: str) -> str:
+    from farm.export import parse_size  # farm.export reads specs: imported when used
+
+    parse_size(value)
+    return value
+
+
+def _export_dest(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a folder or s3://bucket/prefix")
+    return value
+
+
+class Export(BaseModel):
+    """`[export]`: when the job has ended, the dispatcher exports it (farm/export.py) to `dest`."""
+
+    model_config = _STRICT
+    format: Literal["imagefolder", "webdataset", "parquet"]
+    #: A folder on the dispatcher's host (relative to the spec file), or s3://bucket/prefix.
+    dest: Annotated[str, AfterValidator(_export_dest)]
+    shard_size: Annotated[int, _Range(1, MAX_ITEMS)] = 10_000
+    shard_bytes: Annotated[str, AfterValidator(_shard_bytes)] | None = None
+
+
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
     """Hires fix's second-pass size, as the webui rounds it (down to a multiple of 8)."""
     return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
@@ -334,6 +358,8 @@ class JobSpec(BaseModel):
     #: .safetensors file, uploaded to the job's store at submission, or a store: key. They are
     #: found before the operator's FARM_LORA_DIR.
     loras: dict[LoraName, LoraRef] = Field(default_factory=dict)
+    #: Export the job as a dataset once it has ended (farm export).
+    export: Export | None = None
     #: Receives a signed POST of the job's summary when it ends (farm/webhooks.py).
     webhook: Annotated[str, AfterValidator(_webhook_url)] | None = None
     #: Also POST each stored image's record to `webhook`, as it is stored.
@@ -565,6 +591,9 @@ def parse_spec(data: Any, base_dir: Path | None = None, allow_pickle: bool = Fal
     except ValidationError as e:
         raise SpecError(_problems(e)) from None
     spec = _with_checked_loras(spec, base_dir or Path.cwd())
+    if spec.export and "://" not in spec.export.dest:
+        dest = str((base_dir or Path.cwd()) / Path(spec.export.dest).expanduser())
+        spec = spec.model_copy(update={"export": spec.export.model_copy(update={"dest": dest})})
     return _with_checked_images(spec, base_dir or Path.cwd())
 
 

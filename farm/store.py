@@ -7,6 +7,7 @@ outside the prefix: absolute keys, '..' and empty parts are refused, in both sto
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -24,6 +25,10 @@ class Store(Protocol):
     url: str
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """A local file's bytes at `key`, streamed from disk (a large shard never sits in memory)."""
+        ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -59,6 +64,18 @@ class LocalStore:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -113,6 +130,11 @@ class S3Store:
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         with _s3_errors(key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        # upload_file sends large files in parts, read from disk as they go.
+        with _s3_errors(key):
+            self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type})
 
     def get(self, key: str) -> bytes:
         with _s3_errors(key):
@@ -171,6 +193,13 @@ class _s3_errors:
             if code == "NoSuchBucket":
                 raise StoreAccessDenied(f"no such bucket ({code})") from None
             raise StoreUnavailable(f"the store answered {code} for {self.key}") from exc
+        from boto3.exceptions import S3UploadFailedError
+
+        if isinstance(exc, S3UploadFailedError):
+            # upload_file wraps the ClientError in text only.
+            if any(code in str(exc) for code in self._DENIED | {"NoSuchBucket"}):
+                raise StoreAccessDenied(f"the store refused the upload of {self.key}: {exc}") from None
+            raise StoreUnavailable(f"the upload of {self.key} failed: {exc}") from exc
         if isinstance(exc, NoCredentialsError):
             raise StoreAccessDenied("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
         if isinstance(exc, BotoCoreError):

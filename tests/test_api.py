@@ -110,6 +110,7 @@ def test_every_mutation_of_a_valid_body_is_refused_naming_its_field_and_nothing_
     ({"model": "/srv/models/private.safetensors"}, "model"),
     ({"vae": "../vae.safetensors"}, "vae"),
     ({"loras": {"mine": "/srv/loras/private.safetensors"}}, "loras.mine"),
+    ({"export": {"format": "parquet", "dest": "/etc/cron.d"}}, "export.dest"),
 ])
 def test_a_client_cannot_make_the_server_read_its_own_files(api, tokens, redis_client, s3_server, bucket,
                                                             changes, field):

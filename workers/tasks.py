@@ -296,8 +296,16 @@ def _report(runtime: Runtime, store: Store, job_id: str, indexes: list[int]) -> 
 
 def _fail(runtime: Runtime, store: Store, chunk: Chunk, reason: str) -> None:
     reasons = {it.index: reason for it in chunk.items}
+    _quietly(_store_failures, store, chunk, reason)
     if with_backoff(lambda: runtime.board.mark_failed(chunk.job_id, reasons), "reporting failure"):
         _complete(runtime, store, chunk.job_id)
+
+
+def _store_failures(store: Store, chunk: Chunk, reason: str) -> None:
+    for item in chunk.items:
+        row = {"index": item.index, "seed": item.seed, "prompt": item.prompt, "reason": reason[:2000]}
+        store.put(keys.failure_record(chunk.job_id, item.index), json.dumps(row, ensure_ascii=False).encode(),
+                  "application/json")
 
 
 def _complete(runtime: Runtime, store: Store, job_id: str) -> None:
