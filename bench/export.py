@@ -74,9 +74,10 @@ def _export_peak(env: dict, source: str, job_id: str, dest: str, fmt: str, queue
     os.environ.update(env)
     from farm import export
     from farm.store import open_store
+    from farm.stored import StoredJob
 
     started = time.perf_counter()
-    report = export.export(export.StoredJob(open_store(source), job_id), open_store(dest), fmt)
+    report = export.export(StoredJob(open_store(source), job_id), open_store(dest), fmt)
     queue.put((report.exported, time.perf_counter() - started,
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 

@@ -21,6 +21,7 @@ from farm.errors import BrokerUnavailable, FarmError
 from farm.jobs import JobBoard
 from farm.settings import Settings
 from farm.store import open_store
+from farm.stored import StoredJob
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Exporter:
         self.board.set_export_state(job_id, outcome)
 
     def _write(self, job_id: str) -> str:
-        job = export.StoredJob(open_store(self.board.header(job_id).store, self.settings), job_id)
+        job = StoredJob(open_store(self.board.header(job_id).store, self.settings), job_id)
         spec = job.plan.spec.export
         renewed = [time.monotonic()]
 

@@ -137,7 +137,6 @@ def run(
             settings = Settings.from_env().with_overrides(store=str(out_dir.resolve()), preload=(first_model,))
             farm = EmbeddedFarm(settings, Path(tmp), gpus=gpus, name=f"run-{os.getpid()}").start(wait=False)
             from dispatcher.submit import submit
-            from farm.contact import write_job_sheet
 
             with farm:
                 # Queued while the worker starts: the dispatcher hands it out the moment it joins.
@@ -152,7 +151,7 @@ def run(
                 if job.export is not None and status.state is not JobState.CANCELLED:
                     _wait_export(farm.board, submitted.job_id)
                 job_dir = out_dir / submitted.job_id
-                _say_sheet(write_job_sheet(job_dir))
+                _write_grid(job_dir)
                 typer.echo(str(job_dir))
                 if dashboard is not None:
                     _serve_until_interrupted(dashboard, port)
@@ -198,9 +197,17 @@ def _serve_until_interrupted(dashboard, port: int) -> None:
     dashboard.stop()
 
 
-def _say_sheet(path: Path | None) -> None:
+def _write_grid(job_dir: Path) -> None:
+    """The job's grid.png, or why there is none."""
+    from farm.grids import GridError, write_job_grid
+
+    try:
+        path = write_job_grid(job_dir)
+    except GridError as e:
+        console.print(f"no grid.png: {e} (farm grid draws parts of it)", highlight=False, markup=False)
+        return
     if path is not None:
-        console.print(f"contact sheet: {path}", highlight=False)
+        console.print(f"grid: {path}", highlight=False)
 
 
 @app.command()
@@ -304,7 +311,6 @@ def results(
 ):
     """Download a job's images, job.json and manifest.jsonl, or share them by presigned URL."""
     from dispatcher.results import download, parse_duration, share
-    from farm.contact import write_job_sheet
 
     with _errors():
         settings = _settings(broker, store, endpoint_url)
@@ -318,7 +324,7 @@ def results(
             task = bar.add_task("downloading", total=None, detail="")
             files = download(source, job_id, out_dir, on_file=lambda _k: bar.advance(task))
         images = sum(1 for f in files if "/images/" in f)
-        _say_sheet(write_job_sheet(out_dir / job_id))
+        _write_grid(out_dir / job_id)
         out.print(f"{images} images in {out_dir / job_id}", highlight=False)
 
 
@@ -339,11 +345,12 @@ def export_job(
     Parquet. A job still running exports what is done."""
     from farm import export as exporting
     from farm.store import open_store
+    from farm.stored import StoredJob
 
     with _errors():
         settings = _settings(broker, store, endpoint_url)
         source = _job_store(_board(settings) if settings.broker_url else None, job_id, settings)
-        job = exporting.StoredJob(source, job_id)
+        job = StoredJob(source, job_id)
         target = open_store(dest, settings)
         limit = exporting.parse_size(shard_bytes) if shard_bytes else None
         with _progress() as bar:
@@ -362,6 +369,43 @@ def _say_export(report) -> None:
                   highlight=False)
     if report.failed:
         out.print(f"{report.failed} items failed: their reasons are in failed.jsonl", highlight=False)
+
+
+@app.command()
+def grid(
+    job_id: str = typer.Argument(...),
+    x: Optional[list[str]] = typer.Option(None, "--x", help="axis across: a grid axis of the spec, seed or prompt"),
+    y: Optional[list[str]] = typer.Option(None, "--y", help="axis down (axes no side names are added here)"),
+    z: Optional[list[str]] = typer.Option(None, "--z", help="one grid per value, side by side"),
+    where: Optional[list[str]] = typer.Option(None, "--where", help="AXIS=VALUE: only the images with this value"),
+    out_file: Path = typer.Option(Path("grid.png"), "--out", help="the PNG to write"),
+    max_side: int = typer.Option(4096, "--max-side", help="largest width or height of the grid, in pixels"),
+    broker: Optional[str] = BrokerOpt,
+    store: Optional[str] = StoreOpt,
+    endpoint_url: Optional[str] = EndpointOpt,
+):
+    """Draw a job's images as the webui's X/Y/Z plot, with each axis' values on the edges. A job
+    still running is drawn with its missing images as empty cells."""
+    from farm import grids
+    from farm.stored import StoredJob
+
+    with _errors():
+        settings = _settings(broker, store, endpoint_url)
+        job = StoredJob(_job_store(_board(settings) if settings.broker_url else None, job_id, settings), job_id)
+        fixed = dict(_axis_value(w) for w in where or [])
+        sides = grids.sides(job, x=x, y=y, z=z, where=fixed)
+        picture, layout = grids.draw(job, *sides, max_side=max_side)
+        picture.save(out_file)
+        missing = sum(not stored for _, _, stored in layout.cells)
+        note = f", {missing} missing" if missing else ""
+        out.print(f"{out_file}: {len(layout.cells)} images{note}, {picture.width}x{picture.height}", highlight=False)
+
+
+def _axis_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"--where {text}: write AXIS=VALUE")
+    return name.strip(), value.strip()
 
 
 @app.command()

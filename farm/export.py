@@ -32,15 +32,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from farm import infotext, keys, png
-from farm.errors import JobNotFound
-from farm.plan import Item, Plan
-from farm.store import KeyMissing, Store
+from farm.plan import Item
+from farm.store import Store
+from farm.stored import WINDOW, Bitmap, StoredJob, index_of
 
 Format = Literal["imagefolder", "webdataset", "parquet"]
 FORMATS: tuple[str, ...] = ("imagefolder", "webdataset", "parquet")
 DEFAULT_SHARD_SIZE = 10_000
-#: Objects read from (and written to) the store at once.
-WINDOW = 16
 #: Rows per Parquet row group.
 ROW_GROUP = 256
 MARKERS = ".farm-export"
@@ -99,90 +97,9 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-class Bitmap:
-    """One bit per item: a million items cost 125 kB."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.bits = bytearray((size + 7) // 8)
-
-    def add(self, index: int) -> None:
-        self.bits[index >> 3] |= 1 << (index & 7)
-
-    def __contains__(self, index: int) -> bool:
-        return bool(self.bits[index >> 3] >> (index & 7) & 1)
-
-    def count(self) -> int:
-        return sum(bin(byte).count("1") for byte in self.bits)
-
-    def from_(self, start: int = 0) -> Iterator[int]:
-        """The set indexes from `start` up, in order."""
-        for byte_pos in range(start >> 3, len(self.bits)):
-            byte = self.bits[byte_pos]
-            if not byte:
-                continue
-            for bit in range(8):
-                index = (byte_pos << 3) | bit
-                if byte >> bit & 1 and index >= start:
-                    yield index
-
-
-def _index_of(key: str) -> int | None:
-    """`<index>-<seed>.png` or `<index>.json` -> index."""
-    name = key.rsplit("/", 1)[-1]
-    head = name.split("-", 1)[0].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
-
-
-class StoredJob:
-    """What a job has in its store: its plan, which items have an image, which failed and why."""
-
-    def __init__(self, store: Store, job_id: str):
-        self.store, self.job_id = store, job_id
-        try:
-            job = json.loads(store.get(keys.job_json(job_id)))
-        except KeyMissing:
-            raise JobNotFound(f"no job {job_id} in the store {store.url}") from None
-        self.created = int(job.get("created", 0))
-        self.plan = Plan.from_job_json(job, job_id)
-        self.total = self.plan.item_count
-        self.done = self._listed(keys.images_prefix(job_id))
-        self.failed = self._listed(keys.failure_records_prefix(job_id), skip=self.done)
-        self.done_count, self.failed_count = self.done.count(), self.failed.count()
-
-    def _listed(self, prefix: str, skip: Bitmap | None = None) -> Bitmap:
-        bits = Bitmap(self.total)
-        for key in self.store.list(prefix):
-            index = _index_of(key)
-            if index is not None and index < self.total and not (skip and index in skip):
-                bits.add(index)
-        return bits
-
-    @property
-    def missing(self) -> int:
-        """Items with neither an image nor a failure: still to render (or lost)."""
-        return self.total - self.done_count - self.failed_count
-
-    def failures(self) -> Iterator[dict]:
-        for index in self.failed.from_():
-            yield json.loads(self.store.get(keys.failure_record(self.job_id, index)))
-
-    def rows(self, start: int = 0, window: int = WINDOW) -> Iterator[tuple[Item, bytes, dict]]:
-        """Every stored image from item `start` on, in index order, with its row; `window` reads
-        run at once ahead of the consumer."""
-        def read(index: int) -> tuple[Item, bytes, dict]:
-            item = self.plan.item(index)
-            data = self.store.get(keys.image(self.job_id, index, item.seed))
-            return item, data, columns(self.job_id, item, data)
-
-        with ThreadPoolExecutor(max_workers=window, thread_name_prefix="farm-export-read") as pool:
-            ahead: deque[Future] = deque()
-            for index in self.done.from_(start):
-                ahead.append(pool.submit(read, index))
-                if len(ahead) >= window:
-                    yield ahead.popleft().result()
-            while ahead:
-                yield ahead.popleft().result()
+def _rows(job: StoredJob, start: int = 0) -> Iterator[tuple[Item, bytes, dict]]:
+    """Every stored image from item `start` on, in index order, with its row."""
+    return job.images(job.done.from_(start), lambda item, data: (item, data, columns(job.job_id, item, data)))
 
 
 class _Writes:
@@ -260,7 +177,7 @@ def _imagefolder(job: StoredJob, dest: Store, resume: bool, report: ExportReport
     present = Bitmap(job.total)
     if resume:
         for key in dest.list("train"):
-            index = _index_of(key)
+            index = index_of(key)
             if key.endswith(".png") and index is not None and index < job.total:
                 present.add(index)
     writes = _Writes(dest)
@@ -268,7 +185,7 @@ def _imagefolder(job: StoredJob, dest: Store, resume: bool, report: ExportReport
         metadata = Path(tmp) / "metadata.jsonl"
         try:
             with metadata.open("w", encoding="utf-8") as out:
-                for item, data, row in job.rows():
+                for item, data, row in _rows(job):
                     name = image_name(job, item)
                     if item.index not in present:
                         writes.put(f"train/{name}", data, "image/png")
@@ -293,7 +210,7 @@ def _sharded(job: StoredJob, dest: Store, shard_type, shard_size: int, shard_byt
             on_row(report.exported)
     with tempfile.TemporaryDirectory(prefix="farm-export-") as tmp:
         shard = None
-        for item, data, row in job.rows(start):
+        for item, data, row in _rows(job, start):
             if shard is None:
                 shard = shard_type(Path(tmp) / _shard_name(job, number, shard_type.SUFFIX), job)
             shard.add(item, data, row)

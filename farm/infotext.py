@@ -35,13 +35,13 @@ _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 def quote(value: Any) -> str:
-    text = _format(value)
+    text = format_value(value)
     if "," not in text and "\n" not in text and ":" not in text:
         return text
     return json.dumps(text, ensure_ascii=False)
 
 
-def _format(value: Any) -> str:
+def format_value(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

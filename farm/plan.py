@@ -186,6 +186,19 @@ class Plan:
         named = {ref.name for ref in prompts.extra_networks(prompt)[1]}
         return tuple(sorted((name, ref) for name, ref in self.spec.loras.items() if name in named))
 
+    def dimensions(self) -> list[tuple[str, list]]:
+        """Every axis an item's index runs over, outermost first: the grid's (and a list of init
+        images), then `prompt`, then `seed`. Their sizes multiply to the item count."""
+        spec = self.spec
+        return [*self.axes, ("prompt", list(spec.prompts)), ("seed", [spec.seed_at(i) for i in range(spec.seed_count)])]
+
+    def index_at(self, positions: dict[str, int]) -> int:
+        """The item at these positions along `dimensions()` (0 for an axis not given)."""
+        index = 0
+        for name, values in self.dimensions():
+            index = index * len(values) + positions.get(name, 0)
+        return index
+
     def _cell_values(self, cell: int) -> dict:
         values = {}
         for name, axis in reversed(self.axes):

@@ -14,8 +14,10 @@ import pytest
 import redis
 from PIL import Image
 
-from farm import keys
+from farm import grids, keys
 from farm.embedded import wait_until
+from farm.store import LocalStore
+from farm.stored import StoredJob
 from tests.conftest import ROOT, run_farm
 from workers.shapes import analysis
 
@@ -42,7 +44,8 @@ def test_quickstart_runs_on_a_fresh_machine_with_no_services(tmp_path, cache_dir
     rows = [json.loads(line) for line in (job_dir / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 48 and {r["key"].split("/")[-1] for r in rows} == {p.name for p in images}
     assert json.loads((job_dir / "job.json").read_text())["items"] == 48
-    assert Image.open(job_dir / "grid.png").size == (6 * 64, 8 * (64 + 14))
+    grid, layout = grids.job_grid(StoredJob(LocalStore(job_dir.parent), job_dir.name))
+    assert Image.open(job_dir / "grid.png").tobytes() == grid.tobytes() and len(layout.cells) == 48
     assert "48/48" in result.stderr
     # The first prompt at CFG 7 (the second grid cell): what a newcomer should see in the grid.
     red_on_white = [analysis.read(Image.open(path)) for path in images[24:30]]

@@ -20,6 +20,7 @@ from PIL import Image
 from bench.export import make_job
 from farm import export, infotext, png
 from farm.store import LocalStore
+from farm.stored import StoredJob
 from tests.conftest import run_farm
 
 JOB = "sweep-20261203-120000-abcdef"
@@ -35,7 +36,7 @@ def source(tmp_path_factory) -> LocalStore:
 
 def _expected(source: LocalStore) -> dict[int, dict]:
     """What each exported row must say, read from the stored PNGs themselves."""
-    job = export.StoredJob(source, JOB)
+    job = StoredJob(source, JOB)
     rows = {}
     for index in range(job.total):
         if index in FAILED or index in MISSING:
@@ -66,7 +67,7 @@ def _failed(dest: Path) -> list[dict]:
 def test_imagefolder_loads_in_datasets_with_typed_columns(source, tmp_path):
     import datasets
 
-    report = export.export(export.StoredJob(source, JOB), LocalStore(tmp_path), "imagefolder")
+    report = export.export(StoredJob(source, JOB), LocalStore(tmp_path), "imagefolder")
     assert (report.exported, report.failed, report.missing) == (21, 2, 1)
     loaded = datasets.load_dataset("imagefolder", data_dir=str(tmp_path), split="train")
     expected = _expected(source)
@@ -81,7 +82,7 @@ def test_imagefolder_loads_in_datasets_with_typed_columns(source, tmp_path):
 def test_webdataset_shards_read_back_sample_by_sample(source, tmp_path):
     import webdataset as wds
 
-    report = export.export(export.StoredJob(source, JOB), LocalStore(tmp_path), "webdataset", shard_size=8)
+    report = export.export(StoredJob(source, JOB), LocalStore(tmp_path), "webdataset", shard_size=8)
     assert report.written == [f"{JOB}-{n:06d}.tar" for n in range(3)]
     expected = _expected(source)
     urls = str(tmp_path / f"{JOB}-{{000000..000002}}.tar")
@@ -98,7 +99,7 @@ def test_parquet_reads_in_pyarrow_and_datasets_with_the_images(source, tmp_path)
     import datasets
     import pyarrow.parquet as pq
 
-    export.export(export.StoredJob(source, JOB), LocalStore(tmp_path), "parquet", shard_size=10)
+    export.export(StoredJob(source, JOB), LocalStore(tmp_path), "parquet", shard_size=10)
     files = sorted(tmp_path.glob("*.parquet"))
     assert [f.name for f in files] == [f"{JOB}-{n:06d}.parquet" for n in range(3)]
     table = pq.read_table(files[0])
@@ -115,13 +116,13 @@ def test_exporting_again_writes_the_same_bytes(source, tmp_path):
     for fmt in ("webdataset", "parquet"):
         first, second = tmp_path / f"{fmt}-1", tmp_path / f"{fmt}-2"
         for dest in (first, second):
-            export.export(export.StoredJob(source, JOB), LocalStore(dest), fmt, shard_size=8)
+            export.export(StoredJob(source, JOB), LocalStore(dest), fmt, shard_size=8)
         assert _tree(first) == _tree(second)
 
 
 def test_shard_bytes_cut_shards_by_size_and_sizes_are_read_with_units(source, tmp_path):
     one_image = len(source.get(f"{JOB}/images/000000-1.png"))
-    report = export.export(export.StoredJob(source, JOB), LocalStore(tmp_path), "webdataset",
+    report = export.export(StoredJob(source, JOB), LocalStore(tmp_path), "webdataset",
                            shard_bytes=one_image * 5)
     assert len(report.written) == 5  # 21 images, a new shard once 5 images' bytes are in
     assert export.parse_size("500MB") == 500_000_000 and export.parse_size("2GiB") == 2 * 2**30
@@ -138,7 +139,7 @@ def test_a_killed_export_resumes_to_the_same_bytes(tmp_path):
     store = LocalStore(tmp_path / "source")
     make_job(store, JOB, 1600, failed=(7,))
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    export.export(export.StoredJob(store, JOB), LocalStore(whole), "webdataset", shard_size=100)
+    export.export(StoredJob(store, JOB), LocalStore(whole), "webdataset", shard_size=100)
     command = [sys.executable, "-m", "farm.cli", "export", JOB, str(resumed), "--format", "webdataset",
                "--shard-size", "100", "--store", str(store.root)]
     env = {**os.environ, "FARM_BROKER_URL": ""}

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from farm.contact import contact_sheet
 from farm.plan import Item
 from workers import render
 from workers.models import LoadedModel, ModelCache
@@ -139,12 +138,13 @@ def inpaint(model: LoadedModel, tally: Tally, count: int, rng: np.random.Generat
 
 
 def grid(pictures: list[Image.Image], columns: int) -> Image.Image:
-    encoded = []
-    for picture in pictures:
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
-    return contact_sheet(encoded, columns)
+    """The pictures in rows of `columns`, as they are."""
+    width, height = pictures[0].size
+    sheet = Image.new("RGB", (columns * width, -(-len(pictures) // columns) * height), "white")
+    for i, picture in enumerate(pictures):
+        row, column = divmod(i, columns)
+        sheet.paste(picture, (column * width, row * height))
+    return sheet
 
 
 def load(model: str | Path, cache_dir: Path) -> LoadedModel:
