@@ -28,6 +28,7 @@ from rich.table import Table
 from farm import keys
 from farm.errors import (
     BrokerAccessDenied,
+    BrokerUnavailable,
     FarmError,
     JobNotFound,
     PermanentError,
@@ -406,6 +407,73 @@ def _axis_value(text: str) -> tuple[str, str]:
     if not sep:
         raise ValueError(f"--where {text}: write AXIS=VALUE")
     return name.strip(), value.strip()
+
+
+@app.command()
+def explain(
+    spec: Path = typer.Argument(..., help="job spec (TOML, or JSON by its .json name)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    broker: Optional[str] = BrokerOpt,
+):
+    """A dry run: items, chunks and batch sizes, models and LoRA sets, the timesteps each sampler
+    visits, and an estimate of GPU time. Needs no GPU; Redis only for the pool's measured pace."""
+    from farm import explain as explaining
+    from farm.connections import connect
+    from farm.plan import Plan
+
+    with _errors():
+        settings = _settings(broker)
+        plan = Plan(load_spec(spec, settings.allow_pickle).with_resolved_seeds(), "explain")
+        pace = None
+        if settings.broker_url:
+            try:
+                pace = explaining.read_pace(connect(settings))
+            except (BrokerUnavailable, BrokerAccessDenied) as e:
+                console.print(f"Redis did not answer ({e}); estimating from farm's own figures", highlight=False)
+        result = explaining.explain(plan, pace)
+        note = explaining.add_timesteps(result)
+        if as_json:
+            out.print_json(json.dumps({**result.to_json(), "timesteps_note": note}))
+            return
+        _say_explanation(result, note)
+
+
+def _say_explanation(result, note: str | None) -> None:
+    sizes = ", ".join(f"{count} of {size}" for size, count in result.batch_sizes.items())
+    out.print(f"{result.items} images in {result.chunks} chunks ({sizes})", highlight=False)
+    out.print(f"models: {len(result.models)} ({', '.join(result.models)}); at best {result.model_loads} "
+              f"load{'s' if result.model_loads > 1 else ''}, {result.model_loads - 1} switches on one worker",
+              highlight=False, markup=False)
+    if result.lora_sets:
+        out.print(f"LoRA sets: {len(result.lora_sets)} ({'; '.join(result.lora_sets)})", highlight=False,
+                  markup=False)
+    for entry in result.runs:
+        run = entry["run"]
+        what = f"{run['sampler']} ({run['schedule_type']}), {run['steps']} steps, {run['mode']}"
+        if run["strength"] is not None:
+            what += f" at strength {run['strength']:g}"
+        if "timesteps" in entry:
+            shown = ", ".join(f"{t:g}" if t == int(t) else f"{t:.2f}" for t in entry["timesteps"])
+            out.print(f"{what}: {entry['items']} images, {len(entry['timesteps'])} model evaluations at "
+                      f"timesteps [{shown}]", highlight=False, markup=False)
+        else:
+            out.print(f"{what}: {entry['items']} images ({entry.get('error') or note})", highlight=False,
+                      markup=False)
+    if result.seconds is not None:
+        out.print(f"GPU time: about {_duration(result.seconds)} (from {result.pace_source})", highlight=False)
+    if result.unestimated:
+        out.print(f"no measured pace for {', '.join(result.unestimated)}: run a few images of it on the pool first",
+                  highlight=False, markup=False)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @app.command()

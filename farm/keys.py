@@ -212,6 +212,15 @@ def worker_queue(queue: str, worker: str) -> str:
 #: List the workers and `farm submit` push to, so the dispatcher tops up at once instead of at
 #: its next tick.
 FEEDER_WAKE = f"{PREFIX}:feeder:wake"
+#: Hash: `<model>|<W>x<H>` -> seconds per image per denoising step, as the pool last measured it
+#: (the workers write it; `farm explain` estimates from it).
+PACE = f"{PREFIX}:pace"
+
+
+def pace_field(model: str, width: int, height: int) -> str:
+    return f"{model}|{width}x{height}"
+
+
 #: List: ended jobs whose spec asks for an [export], for a dispatcher to export.
 EXPORTS = f"{PREFIX}:exports"
 #: List: the exports a dispatcher has taken and not finished (a restarted one takes them again).

@@ -18,7 +18,7 @@ import redis
 import torch
 from PIL import Image
 
-from farm import __version__, fairshare, infotext, keys, manifest, png, pool, webhooks
+from farm import __version__, explain, fairshare, infotext, keys, manifest, png, pool, webhooks
 from farm.errors import BrokerUnavailable, ModelError, PermanentError, RetriableError, StoreUnavailable
 from farm.jobs import JobState
 from farm.message import RenderMessage
@@ -145,6 +145,9 @@ def _wrap_up(runtime: Runtime, worker: str, chunk: Chunk, message: RenderMessage
             runtime.pace.add(started, finished, chunk.batch_size)
             seconds = finished - started
             runtime.board.set_pace(chunk.job_id, seconds / chunk.batch_size, pipe)
+            first = chunk.items[0]
+            pipe.hset(keys.PACE, keys.pace_field(first.model, first.width, first.height),
+                      round(seconds / chunk.batch_size / explain.denoising_steps(first), 6))
             fairshare.settle(pipe, message.charge, seconds)
         pool.publish(pipe, worker, **reporting.idle_fields(runtime, runtime.pace))
         pool.finished_chunk(pipe, worker, chunk.job_id, chunk.number)
