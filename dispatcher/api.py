@@ -82,7 +82,25 @@ def create_app(settings: Settings, *, auth: bool = True) -> FastAPI:
     app.include_router(_routes(settings, board, store, caller))
     app.include_router(_webui_routes(settings, board, store, caller))
     app.include_router(dashboard_routes())
+    _add_metrics(app, board)
     return app
+
+
+def _add_metrics(app: FastAPI, board: JobBoard) -> None:
+    """Prometheus' scrape: the pool's figures and this process's own, without a token (as
+    exporters are scraped); they name users and models, never prompts or images."""
+    from fastapi.responses import Response
+
+    from farm import metrics
+
+    if metrics.prom is None:
+        return
+    pool_registry = metrics.pool_registry(board.redis)
+
+    @app.get("/metrics", include_in_schema=False)
+    def scrape() -> Response:
+        body = metrics.prom.generate_latest(pool_registry) + metrics.prom.generate_latest()
+        return Response(body, media_type=metrics.prom.CONTENT_TYPE_LATEST)
 
 
 # --- who is asking ------------------------------------------------------------------------

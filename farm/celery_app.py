@@ -47,6 +47,8 @@ def make_celery(settings: Settings) -> Celery:
         # The rendering process is up once torch, diffusers and any preloaded model are loaded
         # (workers/app.py); Celery's default of 4 s would kill it for taking longer.
         worker_proc_alive_timeout=300,
-        worker_send_task_events=False,
+        # Task events, so that `celery flower` (and celery-exporter) show the pool's tasks.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     return app

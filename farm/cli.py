@@ -481,13 +481,20 @@ def worker(
     gpus: str = typer.Option("all", help="all, none (one CPU worker), or a list such as 0,1"),
     broker: Optional[str] = BrokerOpt,
     name: Optional[str] = typer.Option(None, help="host part of the worker names"),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port",
+                                               help="serve Prometheus metrics (this host's workers) on this port"),
 ):
     """Start one worker process per GPU on this host (one CPU worker without GPUs)."""
     settings = _settings(broker)
     with _errors():
         settings.require_broker()
+        if metrics_port is not None:
+            from farm import metrics
+
+            metrics.require()
     env = {**os.environ, **settings.to_env()}
     args = [sys.executable, "-m", "workers.supervisor", "--gpus", gpus] + (["--name", name] if name else [])
+    args += ["--metrics-port", str(metrics_port)] if metrics_port is not None else []
     os.execve(sys.executable, args, env)
 
 
@@ -592,7 +599,9 @@ def workers(
 
 
 @app.command()
-def dispatcher(broker: Optional[str] = BrokerOpt):
+def dispatcher(broker: Optional[str] = BrokerOpt,
+               metrics_port: Optional[int] = typer.Option(None, "--metrics-port",
+                                                          help="serve Prometheus metrics (the pool's) on this port")):
     """Run the dispatcher: it hands chunks to workers a few at a time (lanes, fair share, affinity)."""
     import logging
 
@@ -602,6 +611,12 @@ def dispatcher(broker: Optional[str] = BrokerOpt):
         settings = _settings(broker)
         settings.require_broker()
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        if metrics_port is not None:
+            from farm import metrics
+            from farm.connections import connect
+
+            metrics.serve_process_metrics(metrics_port, connect(settings))
+            console.print(f"metrics on http://0.0.0.0:{metrics_port}/metrics", highlight=False)
         console.print(f"dispatcher feeding queues {settings.queue}.<worker>; Ctrl-C to stop", highlight=False)
         serve(settings)
 

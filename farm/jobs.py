@@ -51,7 +51,7 @@ class JobStateError(PermanentError):
     """The job is in a state that does not allow this (for example, cancelling a finished job)."""
 
 
-# KEYS: job hash, bits to set, bits of the other outcome.
+# KEYS: job hash, bits to set, bits of the other outcome, the pool's item counters.
 # ARGV: counter to raise, the other counter, now, index...
 # Returns {items newly counted, 1 if this call completed the job}.
 _MARK = """
@@ -66,6 +66,8 @@ for i = 4, #ARGV do
   end
 end
 if new == 0 then return {0, 0} end
+local job = redis.call('HMGET', KEYS[1], 'lane', 'user')
+redis.call('HINCRBY', KEYS[4], ARGV[1] .. '|' .. (job[1] or 'batch') .. '|' .. (job[2] or ''), new)
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], new)
 local other = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0')
 local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '-1')
@@ -357,6 +359,14 @@ class JobBoard:
                 ahead += 1
         return ahead
 
+    def running_counts(self, job_ids: list[str]) -> list[int]:
+        """Items in chunks being rendered, per job, in one round trip."""
+        with self.redis.pipeline() as pipe:
+            for job_id in job_ids:
+                pipe.hvals(keys.running(job_id))
+            rows = pipe.execute()
+        return [sum(json.loads(r)["items"] for r in job_rows) for job_rows in rows]
+
     def status(self, job_id: str) -> JobStatus:
         with self.redis.pipeline() as pipe:
             pipe.hgetall(keys.job_hash(job_id))
@@ -459,7 +469,8 @@ class JobBoard:
         if not indexes:
             return False
         _, completed = self._mark(
-            keys=[keys.job_hash(job_id), bits, other_bits], args=[counter, other, time.time(), *indexes]
+            keys=[keys.job_hash(job_id), bits, other_bits, keys.ITEM_STATS],
+            args=[counter, other, time.time(), *indexes]
         )
         return bool(completed)
 

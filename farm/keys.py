@@ -212,6 +212,10 @@ def worker_queue(queue: str, worker: str) -> str:
 #: List the workers and `farm submit` push to, so the dispatcher tops up at once instead of at
 #: its next tick.
 FEEDER_WAKE = f"{PREFIX}:feeder:wake"
+#: Hash: `<done|failed>|<lane>|<user>` -> items settled since the pool began (Prometheus' farm_items_total),
+#: raised by the Lua call that counts an item, so a redelivered item is counted once.
+ITEM_STATS = f"{PREFIX}:stats:items"
+
 #: Hash: `<model>|<W>x<H>` -> seconds per image per denoising step, as the pool last measured it
 #: (the workers write it; `farm explain` estimates from it).
 PACE = f"{PREFIX}:pace"

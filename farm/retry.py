@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Callable, TypeVar
 
+from farm import metrics
 from farm.errors import RetriableError
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ def with_backoff(fn: Callable[[], T], what: str, budget: float = DEFAULT_BUDGET_
         try:
             return fn()
         except RetriableError as e:
+            metrics.service_error(e)
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from farm import checkpoints
+from farm import checkpoints, metrics
 from farm.errors import ModelError
 from farm.spec import PICKLE_SUFFIXES
 from workers import shapes, single_file, tiny
@@ -147,6 +147,7 @@ class ModelCache:
         while len(self._models) > self.capacity:
             _, evicted = self._models.popitem(last=False)
             log.info("evicting model %s", evicted.name)
+            metrics.MODEL_EVICTIONS.inc()
             del evicted
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -234,5 +235,6 @@ class ModelCache:
         pipe.set_progress_bar_config(disable=True)
         optimize_for_device(pipe, self.device, self.compile_unet)
         self.loads += 1
+        metrics.MODEL_LOADS.inc()
         log.info("loaded model %s on %s in %.1fs", name, self.device, time.perf_counter() - started)
         return LoadedModel(ref, name, model_hash(path), path, pipe, dict(pipe.scheduler.config), own_vae=pipe.vae)

@@ -120,8 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue", default=os.environ.get("FARM_QUEUE", "farm.render"))
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument("--name", default=None, help="host part of the worker names")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve the workers' Prometheus metrics on this port")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.metrics_port is not None:
+        from farm import metrics
+
+        # Each worker's rendering process writes its metrics here; this process serves them all.
+        folder = metrics.serve_worker_metrics(args.metrics_port)
+        log.info("metrics on :%d/metrics (from %s)", args.metrics_port, folder)
     return supervise(parse_gpus(args.gpus), args.queue, args.loglevel, args.name)
 
 

@@ -18,7 +18,7 @@ import redis
 import torch
 from PIL import Image
 
-from farm import __version__, explain, fairshare, infotext, keys, manifest, png, pool, webhooks
+from farm import __version__, explain, fairshare, infotext, keys, manifest, metrics, png, pool, webhooks
 from farm.errors import BrokerUnavailable, ModelError, PermanentError, RetriableError, StoreUnavailable
 from farm.jobs import JobState
 from farm.message import RenderMessage
@@ -85,8 +85,11 @@ def run_chunk(runtime: Runtime, kwargs: dict, worker: str) -> list[Output]:
     timing: tuple[float, float] | None = None
     try:
         state, delivery = runtime.board.start_chunk(chunk.job_id, chunk.number, worker, chunk.batch_size)
+        if delivery > 1:
+            metrics.REDELIVERIES.inc()
         if state is JobState.PAUSED:
             runtime.board.hand_back(chunk.job_id, chunk.number)
+            metrics.HANDED_BACK.labels("paused").inc()
             return []
         if state is None or not state.runnable:
             log.info("chunk %s/%d dropped: the job is %s", chunk.job_id, chunk.number,
@@ -182,7 +185,25 @@ def _render_and_store(runtime: Runtime, store: Store, chunk: Chunk, missing: lis
                      "uploading record")
     if outputs:
         with_backoff(lambda: _announce(runtime, chunk.job_id, outputs), "queueing webhooks")
+    _measure(runtime, model.name, chunk.items[0], seconds, len(outputs))
     return outputs
+
+
+def _measure(runtime: Runtime, model: str, first: Item, seconds: float, images: int) -> None:
+    metrics.IMAGES.labels(model).inc(images)
+    size = f"{first.width}x{first.height}"
+    for _ in range(images):
+        metrics.IMAGE_SECONDS.labels(model, size).observe(seconds)
+    if runtime.device.type == "cuda":
+        metrics.MEMORY.labels("cuda").set(torch.cuda.memory_allocated())
+    else:
+        metrics.MEMORY.labels("rss").set(_resident_bytes())
+
+
+def _resident_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def _announce(runtime: Runtime, job_id: str, outputs: list[Output]) -> None:
@@ -218,6 +239,7 @@ def _render_batches(runtime: Runtime, model, items, fetch, vae, on_step) -> tupl
                                  f"{runtime.device_name}") from e
             size = max(1, len(part) // 2)
             runtime.safe_batch[shape] = size
+            metrics.OOM_HALVINGS.inc()
             log.warning("out of memory at batch %d for %s %dx%d; trying %d", len(part), model.name, first.width,
                         first.height, size)
             if runtime.device.type == "cuda":
@@ -240,6 +262,7 @@ def _try_later(runtime: Runtime, store: Store, chunk: Chunk, error: Exception) -
     log.warning("chunk %s/%d: %s; handing it back (try %d of %d)", chunk.job_id, chunk.number, error, tries,
                 MAX_TRANSIENT_ATTEMPTS)
     runtime.board.hand_back(chunk.job_id, chunk.number)
+    metrics.HANDED_BACK.labels("transient error").inc()
 
 
 def _reason(error: Exception) -> str:
