@@ -134,7 +134,7 @@ class Feeder:
         while progress:
             progress = False
             for worker in sorted(live, key=lambda w: len(w.assigned)):
-                if len(worker.assigned) >= self.depth:
+                if len(worker.assigned) >= self.depth or worker.draining:
                     continue
                 picked = self._pick(worker, jobs, live)
                 if picked is None:

@@ -622,6 +622,61 @@ def dispatcher(broker: Optional[str] = BrokerOpt,
 
 
 @app.command()
+def health(
+    role: str = typer.Argument(..., help="worker or dispatcher"),
+    name: Optional[str] = typer.Option(None, help="worker: the host part of its worker names (default: this host)"),
+    broker: Optional[str] = BrokerOpt,
+):
+    """A probe for containers and Kubernetes: exit 0 when this host's workers beat their heartbeat
+    (worker), or when a dispatcher is running (dispatcher); 1 with the reason otherwise."""
+    import socket
+
+    from farm import pool
+    from farm.connections import connect
+
+    with _errors():
+        settings = _settings(broker)
+        settings.require_broker()
+        client = connect(settings, socket_timeout=5)
+        if role == "dispatcher":
+            problem = None if client.exists(keys.DISPATCHER) else "no dispatcher has checked in"
+        elif role == "worker":
+            host = name or socket.gethostname()
+            mine = [w for w in pool.read(client, settings.queue) if w.name.endswith(f"@{host}")]
+            late = [w.name for w in mine if time.time() - w.heartbeat > 3 * settings.lease_renew_interval + 2]
+            problem = (f"no worker of {host} is ready" if not mine else
+                       f"no heartbeat from {', '.join(late)}" if late else None)
+        else:
+            raise ValueError(f"health: worker or dispatcher, got {role!r}")
+    if problem:
+        console.print(problem, highlight=False)
+        raise typer.Exit(1)
+    out.print("ok")
+
+
+@app.command()
+def drain(
+    name: Optional[str] = typer.Option(None, help="the host part of the worker names (default: this host)"),
+    broker: Optional[str] = BrokerOpt,
+):
+    """Give this host's workers no new chunk (a pod's preStop, maintenance); the chunk each renders
+    finishes, SIGTERM then stops them, and what was queued for them goes to the others."""
+    import socket
+
+    from farm import pool
+    from farm.connections import connect
+
+    with _errors():
+        settings = _settings(broker)
+        settings.require_broker()
+        client = connect(settings, socket_timeout=5)
+        host = name or socket.gethostname()
+        names = [w.name for w in pool.read(client, settings.queue) if w.name.endswith(f"@{host}")]
+        pool.drain(client, names)
+    out.print(f"draining {', '.join(names) or 'no worker'}", highlight=False)
+
+
+@app.command()
 def info(image: Path = typer.Argument(..., help="a PNG the farm (or the webui) made")):
     """Print an image's generation parameters, parsed as the webui's PNG Info does."""
     from farm import infotext, png

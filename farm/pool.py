@@ -41,6 +41,8 @@ class WorkerView:
     assigned: dict[str, dict] = field(default_factory=dict)
     #: `<job>/<chunk>` the worker had taken from its queue at its last heartbeat.
     holding: list[str] = field(default_factory=list)
+    #: Going away (`farm drain`, a pod's preStop): it gets no new chunk.
+    draining: bool = False
 
     def summary(self, now: float) -> dict:
         """Plain JSON values: `farm workers --json` and `GET /v1/workers`."""
@@ -63,6 +65,8 @@ def register(client: redis.Redis, name: str, queue: str, host: str, gpu: str) ->
     with client.pipeline() as pipe:
         pipe.hset(keys.WORKERS, name, entry)
         pipe.hset(keys.worker_live(name), mapping={"heartbeat": now})
+        # A worker that starts again under the name of a drained one takes work again.
+        pipe.hdel(keys.worker_live(name), "draining")
         pipe.execute()
     return entry
 
@@ -76,6 +80,12 @@ def heartbeat(client: redis.Redis, name: str, entry: str | None = None, holding:
         if entry:
             pipe.hsetnx(keys.WORKERS, name, entry)
         pipe.execute()
+
+
+def drain(client: redis.Redis, names: list[str]) -> None:
+    """Give these workers no new chunk: they are about to stop (scale-in, maintenance)."""
+    for name in names:
+        publish(client, name, draining=True)
 
 
 def publish(client: redis.Redis, name: str, **fields) -> None:
@@ -103,7 +113,7 @@ def read(client: redis.Redis, queue: str) -> list[WorkerView]:
             gpu=info.get("gpu", ""), since=float(info.get("since", 0)), heartbeat=float(live.get("heartbeat", 0)),
             device=value("device", ""), models=value("models", []), loads=value("loads", 0),
             images=value("images", 0), images_per_minute=value("images_per_minute", 0.0),
-            current=value("current", None), holding=value("holding", []),
+            current=value("current", None), holding=value("holding", []), draining=value("draining", False),
             assigned={k.decode(): json.loads(v) for k, v in assigned.items()},
         ))
     return views

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -289,3 +290,28 @@ def test_report_file_is_plain_json_lines(tmp_path, monkeypatch):
     monkeypatch.setenv("FARM_FAULT_REPORT", str(tmp_path / "r.jsonl"))
     _report(Tally("x", 1, 1, 0, 0, 0, "done", 0))
     assert json.loads(Path(tmp_path / "r.jsonl").read_text())["outcome"] == "done"
+
+
+def test_scale_in_drains_then_sigterm_with_a_short_grace_loses_nothing(farm_settings, workers_factory, s3_server,
+                                                                       bucket):
+    """As Kubernetes scales a worker Deployment in: the pod's preStop drains it, SIGTERM follows, and
+    SIGKILL comes when the grace period (shorter than the chunk here) runs out."""
+    from farm import pool
+
+    settings = farm_settings.with_overrides(visibility_timeout=6.0)
+    workers = workers_factory(settings)
+    victim, survivor = workers.start(2)
+    job = submit(spec(12, size=128, steps=100), settings).job_id
+    board = JobBoard.from_url(settings.broker_url)
+    held = []
+    wait_until(lambda: held.append(running_chunk_of(board, job, victim)) or held[-1] is not None, 120,
+               "the victim to take a chunk")
+    pool.drain(board.redis, [victim])
+    workers.procs[victim].send_signal(signal.SIGTERM)
+    time.sleep(2)  # the grace period, shorter than the chunk
+    assert running_chunk_of(board, job, victim) == held[-1]  # still rendering when the grace ends
+    workers.kill(victim)
+    assert wait_job(board, job, timeout=400).state is JobState.DONE
+    assert board.deliveries(job)[held[-1]] >= 2
+    t = tally("scale-in: drain, SIGTERM, SIGKILL after a 2 s grace mid-chunk", s3_server, bucket, board, job, 12)
+    assert (t.stored, t.duplicates, t.lost) == (12, 0, 0)

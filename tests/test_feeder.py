@@ -241,3 +241,14 @@ def test_resume_puts_back_a_job_whose_submission_died_before_it_reached_its_lane
     assert feeder.top_up() == 0
     assert control.resume(JobBoard(redis_client), open_store(settings.store), job_id) is JobState.QUEUED
     assert feeder.top_up() == 2
+
+
+def test_a_drained_worker_gets_no_new_chunk_until_it_starts_again(settings, feeder, redis_client):
+    a, b = worker(redis_client, "a"), worker(redis_client, "b")
+    job(settings, items=40)
+    pool.drain(redis_client, [a])
+    feeder.top_up()
+    assert assigned(redis_client, a) == [] and len(assigned(redis_client, b)) == 2
+    worker(redis_client, "a")  # the same name registers again: a new process, taking work
+    feeder.top_up()
+    assert len(assigned(redis_client, a)) == 2
