@@ -13,7 +13,6 @@ of a child process that runs only the export) at 1,000 and at `--images` images.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing
 import resource

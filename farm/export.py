@@ -29,14 +29,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 from farm import infotext, keys, png
 from farm.plan import Item
 from farm.store import Store
 from farm.stored import WINDOW, Bitmap, StoredJob, index_of
 
-Format = Literal["imagefolder", "webdataset", "parquet"]
 FORMATS: tuple[str, ...] = ("imagefolder", "webdataset", "parquet")
 DEFAULT_SHARD_SIZE = 10_000
 #: Rows per Parquet row group.

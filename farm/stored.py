@@ -6,8 +6,8 @@ an image, which failed and why (the workers' failure records). Shared by `farm e
 from __future__ import annotations
 
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, TypeVar
 
 from farm import keys

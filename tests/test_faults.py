@@ -70,16 +70,20 @@ def running_chunk_of(board: JobBoard, job: str, worker: str) -> int | None:
     return None
 
 
+def taken_chunk(board: JobBoard, job: str, worker: str) -> int:
+    """The chunk the worker renders, once it has taken one."""
+    # In a list: chunk 0 is a chunk too.
+    return wait_until(lambda: (c := running_chunk_of(board, job, worker)) is not None and [c], 120,
+                      f"{worker} to take a chunk")[0]
+
+
 def test_chunk_of_a_killed_worker_is_redelivered_within_30s(farm_settings, workers_factory, s3_server, bucket):
     assert farm_settings.visibility_timeout == 15  # the default a user gets
     workers = workers_factory(farm_settings)
     victim, survivor = workers.start(2)
     job = submit(spec(12, size=128, steps=100), farm_settings).job_id
     board = JobBoard.from_url(farm_settings.broker_url)
-    held = []
-    wait_until(lambda: held.append(running_chunk_of(board, job, victim)) or held[-1] is not None, 120,
-               "the victim to take a chunk")
-    chunk = held[-1]
+    chunk = taken_chunk(board, job, victim)
     workers.kill(victim)
     killed_at = time.monotonic()
     # Handed back by the dispatcher once the worker misses three heartbeats, then given to the other.
@@ -303,15 +307,13 @@ def test_scale_in_drains_then_sigterm_with_a_short_grace_loses_nothing(farm_sett
     victim, survivor = workers.start(2)
     job = submit(spec(12, size=128, steps=100), settings).job_id
     board = JobBoard.from_url(settings.broker_url)
-    held = []
-    wait_until(lambda: held.append(running_chunk_of(board, job, victim)) or held[-1] is not None, 120,
-               "the victim to take a chunk")
+    chunk = taken_chunk(board, job, victim)
     pool.drain(board.redis, [victim])
     workers.procs[victim].send_signal(signal.SIGTERM)
     time.sleep(2)  # the grace period, shorter than the chunk
-    assert running_chunk_of(board, job, victim) == held[-1]  # still rendering when the grace ends
+    assert running_chunk_of(board, job, victim) == chunk  # still rendering when the grace ends
     workers.kill(victim)
     assert wait_job(board, job, timeout=400).state is JobState.DONE
-    assert board.deliveries(job)[held[-1]] >= 2
+    assert board.deliveries(job)[chunk] >= 2
     t = tally("scale-in: drain, SIGTERM, SIGKILL after a 2 s grace mid-chunk", s3_server, bucket, board, job, 12)
     assert (t.stored, t.duplicates, t.lost) == (12, 0, 0)

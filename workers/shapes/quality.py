@@ -13,7 +13,6 @@ outside the mask is the original's.
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
