@@ -4,6 +4,7 @@ sets, and an estimate of GPU time from the pool's measurements when there are so
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -75,12 +76,24 @@ def test_the_timesteps_are_those_the_scheduler_visits(sampler, schedule, mode):
         assert entry["timesteps"] == [float(t) for t in scheduler.timesteps[(20 - 16) * scheduler.order:]]
 
 
-def test_farm_explain_runs_without_redis_and_prints_json(tmp_path):
+def test_farm_explain_runs_without_redis_and_prints_json(tmp_path, monkeypatch):
     (tmp_path / "job.toml").write_text('model = "shapes-sd"\nprompts = ["a red circle"]\nseeds = [1, 2, 3]\n'
                                        'steps = 10\nsampler = "DDIM"\nwidth = 64\nheight = 64\n')
     result = run_farm("explain", str(tmp_path / "job.toml"), "--json", env={"FARM_BROKER_URL": ""})
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["items"] == 3 and data["runs"][0]["timesteps"][0] == 999.0 and len(data["runs"][0]["timesteps"]) == 10
-    text = run_farm("explain", str(tmp_path / "job.toml"), env={"FARM_BROKER_URL": ""})
-    assert "3 images in 1 chunks (1 of 3)" in text.stdout and "GPU time: about" in text.stdout
+    # The same figures as a person reads them (printed in this process: a second `farm explain`
+    # would import diffusers again for the same answer).
+    from rich.console import Console
+
+    from farm import cli
+    from farm.explain import Explanation
+
+    monkeypatch.setattr(cli, "out", Console(file=io.StringIO(), width=200))
+    fields = {k: v for k, v in data.items() if k not in ("model_loads", "timesteps_note")}
+    cli._say_explanation(Explanation(**{**fields, "batch_sizes": {int(k): v for k, v in data["batch_sizes"].items()}}),
+                         data["timesteps_note"])
+    text = cli.out.file.getvalue()
+    assert "3 images in 1 chunks (1 of 3)" in text and "GPU time: about" in text
+    assert "10 model evaluations at timesteps [999, 888," in text

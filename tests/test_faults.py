@@ -305,7 +305,7 @@ def test_scale_in_drains_then_sigterm_with_a_short_grace_loses_nothing(farm_sett
     settings = farm_settings.with_overrides(visibility_timeout=6.0)
     workers = workers_factory(settings)
     victim, survivor = workers.start(2)
-    job = submit(spec(12, size=128, steps=100), settings).job_id
+    job = submit(spec(6, size=128, steps=100), settings).job_id
     board = JobBoard.from_url(settings.broker_url)
     chunk = taken_chunk(board, job, victim)
     pool.drain(board.redis, [victim])
@@ -315,5 +315,5 @@ def test_scale_in_drains_then_sigterm_with_a_short_grace_loses_nothing(farm_sett
     workers.kill(victim)
     assert wait_job(board, job, timeout=400).state is JobState.DONE
     assert board.deliveries(job)[chunk] >= 2
-    t = tally("scale-in: drain, SIGTERM, SIGKILL after a 2 s grace mid-chunk", s3_server, bucket, board, job, 12)
-    assert (t.stored, t.duplicates, t.lost) == (12, 0, 0)
+    t = tally("scale-in: drain, SIGTERM, SIGKILL after a 2 s grace mid-chunk", s3_server, bucket, board, job, 6)
+    assert (t.stored, t.duplicates, t.lost) == (6, 0, 0)

@@ -86,6 +86,7 @@ def test_a_dispatcher_and_a_worker_serve_their_metrics(farm_settings, s3_env, tm
         pool = _samples(_get(f"http://127.0.0.1:{dispatcher_port}/metrics"))
         assert pool[("farm_items_total", (("lane", "batch"), ("state", "done"), ("user", "ann")))] == 6
         assert pool[("farm_workers", ())] == 1
+        assert not [name for name, _ in pool if name.startswith("farm_worker_")]  # those are the workers' own
         worker = wait_until(lambda: (s := _samples(_get(f"http://127.0.0.1:{worker_port}/metrics")))
                             .get(("farm_worker_images_total", (("model", "tiny-sd"),))) == 6 and s, 30,
                             "the worker's count")
