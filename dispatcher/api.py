@@ -47,6 +47,7 @@ from dispatcher.dashboard import COOKIE, dashboard_routes
 from dispatcher.submit import Submitted, default_user, submit
 from farm import __version__, infotext, keys, png, pool, samplers
 from farm.errors import BrokerUnavailable, JobNotFound, SpecError, StoreUnavailable
+from farm.connections import connect
 from farm.jobs import JobBoard, JobHeader, JobState, JobStateError
 from farm.settings import Settings
 from farm.spec import (
@@ -71,7 +72,7 @@ WEBUI_POLL = 0.2
 
 
 def create_app(settings: Settings, *, auth: bool = True) -> FastAPI:
-    board = JobBoard.from_url(settings.require_broker())
+    board = JobBoard(connect(settings))
     store = open_store(settings.require_store(), settings)
     tokens = TokenBook(board.redis)
     app = FastAPI(title="farm", version=__version__,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 
 import redis
 
-from farm import fairshare, keys, pool
+from farm import celery_app, fairshare, keys, pool
 from farm.jobs import JobBoard, JobHeader
 from farm.message import RenderMessage
 from farm.plan import Plan
@@ -225,6 +225,8 @@ class Feeder:
 
     def _reclaim(self, dead: WorkerView) -> None:
         count = pool.release(self.redis, dead)
+        if not self.settings.broker_is_redis:
+            celery_app.purge_queue(self.app, dead.queue)
         log.warning("worker %s missed its heartbeats; handed back %d chunks", dead.name, count)
 
     def _reconcile(self, worker: WorkerView, now: float) -> None:
@@ -234,7 +236,12 @@ class Feeder:
         old = [k for k, a in worker.assigned.items() if now - a.get("at", now) > self.dead_after]
         if not old:
             return
-        queued = pool.queued_chunks(self.redis, worker.queue)
+        if self.settings.broker_is_redis:
+            queued = pool.queued_chunks(self.redis, worker.queue)
+        elif celery_app.queue_depth(self.app, worker.queue) == 0:
+            queued = set()  # RabbitMQ: everything sent was taken, and what was taken is `holding`
+        else:
+            return
         lost = [k for k in old if k not in queued and k not in worker.holding]
         for key in lost:
             with self.redis.pipeline() as pipe:

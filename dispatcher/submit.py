@@ -19,6 +19,7 @@ from kombu.exceptions import OperationalError
 from dispatcher.inputs import upload_inputs
 from farm import __version__, fairshare, keys, loras
 from farm.celery_app import make_celery
+from farm.connections import connect
 from farm.errors import BrokerUnavailable, SpecError
 from farm.jobs import JobBoard
 from farm.plan import Plan
@@ -61,7 +62,7 @@ def submit(spec: JobSpec, settings: Settings, user: str | None = None, store: St
     # 2. Check every service before anything is written or queued.
     check_writable(store)
     app = make_celery(settings)
-    board = JobBoard.from_url(settings.broker_url)
+    board = JobBoard(connect(settings))
     _check_broker(app)
     spec = upload_inputs(spec, store, job_id)
     plan = Plan(spec, job_id)

@@ -32,17 +32,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=settings.queue,
         task_routes={keys.RENDER_TASK: {"queue": settings.queue}},
         broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            # A message not acked within this many seconds goes back to the queue.
-            # Kept short so a dead worker's chunk returns fast; a live worker renews
-            # the lease of the message it renders (workers/lease.py), so a long
-            # chunk is never delivered twice.
-            "visibility_timeout": settings.visibility_timeout,
-            # kombu looks for expired messages only every 10 x 10 s by default
-            # (a killed worker's task came back after 97 s); look every second.
-            "unacked_restore_interval": 1,
-            "unacked_restore_throttle": 1,
-        },
+        broker_transport_options=_transport_options(settings),
         worker_hijack_root_logger=False,
         # The rendering process is up once torch, diffusers and any preloaded model are loaded
         # (workers/app.py); Celery's default of 4 s would kill it for taking longer.
@@ -52,3 +42,39 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=True,
     )
     return app
+
+
+def _transport_options(settings: Settings) -> dict:
+    if not settings.broker_is_redis:
+        # RabbitMQ acknowledges late natively: an unacked message goes back when the consumer's
+        # connection drops, and no lease is needed. Its consumer_timeout (30 min by default)
+        # must exceed the longest chunk, or the broker closes the channel under a slow render.
+        return {}
+    return {
+        # A message not acked within this many seconds goes back to the queue. Kept short so a
+        # dead worker's chunk returns fast; a live worker renews the lease of the message it
+        # renders (workers/lease.py), so a long chunk is never delivered twice.
+        "visibility_timeout": settings.visibility_timeout,
+        # kombu looks for expired messages only every 10 x 10 s by default (a killed worker's
+        # task came back after 97 s); look every second.
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
+
+
+def queue_depth(app: Celery, queue: str) -> int | None:
+    """Messages waiting in an AMQP queue (not those delivered and unacked); None if unknown."""
+    try:
+        with app.connection_for_read() as conn:
+            return conn.default_channel.queue_declare(queue, passive=True).message_count
+    except Exception:  # noqa: BLE001 - a missing queue or a broker away: unknown, not an error here
+        return None
+
+
+def purge_queue(app: Celery, queue: str) -> None:
+    """Drop what waits in a gone worker's AMQP queue: its chunks were handed to the others."""
+    try:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue)
+    except Exception:  # noqa: BLE001 - no such queue: nothing to drop
+        pass

@@ -36,6 +36,7 @@ from farm.errors import (
     SpecError,
     StoreAccessDenied,
 )
+from farm.connections import connect
 from farm.jobs import JobBoard, JobState, JobStatus
 from farm.settings import Settings
 from farm.spec import load_spec
@@ -260,7 +261,7 @@ def _spec_from_args(spec: Optional[Path], from_image: Optional[Path], model: Opt
 
 def _board(settings: Settings) -> JobBoard:
     """The job board on the settings' broker; SettingMissing when none is set."""
-    return JobBoard.from_url(settings.require_broker())
+    return JobBoard(connect(settings))
 
 
 def _eta(status: JobStatus) -> str:
@@ -418,7 +419,6 @@ def explain(
     """A dry run: items, chunks and batch sizes, models and LoRA sets, the timesteps each sampler
     visits, and an estimate of GPU time. Needs no GPU; Redis only for the pool's measured pace."""
     from farm import explain as explaining
-    from farm.connections import connect
     from farm.plan import Plan
 
     with _errors():
@@ -613,8 +613,7 @@ def dispatcher(broker: Optional[str] = BrokerOpt,
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         if metrics_port is not None:
             from farm import metrics
-            from farm.connections import connect
-
+        
             metrics.serve_process_metrics(metrics_port, connect(settings))
             console.print(f"metrics on http://0.0.0.0:{metrics_port}/metrics", highlight=False)
         console.print(f"dispatcher feeding queues {settings.queue}.<worker>; Ctrl-C to stop", highlight=False)
@@ -632,7 +631,6 @@ def health(
     import socket
 
     from farm import pool
-    from farm.connections import connect
 
     with _errors():
         settings = _settings(broker)
@@ -664,7 +662,6 @@ def drain(
     import socket
 
     from farm import pool
-    from farm.connections import connect
 
     with _errors():
         settings = _settings(broker)

@@ -60,8 +60,8 @@ class FarmRedis(redis.Redis):
 
 def connect(target: Settings | str, *, socket_timeout: float | None = None,
             connect_timeout: float = CONNECT_TIMEOUT) -> FarmRedis:
-    """A client for the settings' broker (or a Redis URL). `socket_timeout` bounds each reply;
-    a caller that blocks on Redis (BLPOP) passes one longer than its block."""
-    url = target.require_broker() if isinstance(target, Settings) else target
+    """A client for the settings' job-state Redis (or a Redis URL). `socket_timeout` bounds each
+    reply; a caller that blocks on Redis (BLPOP) passes one longer than its block."""
+    url = target.require_state() if isinstance(target, Settings) else target
     return FarmRedis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout,
                               health_check_interval=HEALTH_CHECK_INTERVAL)

@@ -23,8 +23,11 @@ def _default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    #: Redis URL of the Celery broker and of job state, e.g. redis://:pw@host:6379/0.
+    #: URL of the Celery broker: Redis (redis://:pw@host:6379/0), which then holds the job state
+    #: too, or RabbitMQ (amqp://user:pw@host:5672/vhost) beside a Redis for the state (state_url).
     broker_url: str | None = None
+    #: Redis URL of the job state, when the broker is not Redis; None: the broker's Redis.
+    state_url: str | None = None
     #: Where outputs go: s3://bucket/prefix, or a local folder.
     store: str | None = None
     #: S3 endpoint for non-AWS servers; None lets boto3 decide (it reads AWS_ENDPOINT_URL).
@@ -80,6 +83,7 @@ class Settings:
         env = os.environ if environ is None else environ
         kwargs: dict = {
             "broker_url": env.get("FARM_BROKER_URL") or None,
+            "state_url": env.get("FARM_STATE_URL") or None,
             "store": env.get("FARM_STORE") or None,
             "s3_endpoint_url": env.get("AWS_ENDPOINT_URL") or None,
             "device": env.get("FARM_DEVICE") or "auto",
@@ -152,6 +156,8 @@ class Settings:
             env["FARM_PRELOAD"] = ",".join(self.preload)
         if self.broker_url:
             env["FARM_BROKER_URL"] = self.broker_url
+        if self.state_url:
+            env["FARM_STATE_URL"] = self.state_url
         if self.store:
             env["FARM_STORE"] = self.store
         if self.s3_endpoint_url:
@@ -162,6 +168,18 @@ class Settings:
         if not self.broker_url:
             raise SettingMissing("no broker: set FARM_BROKER_URL (redis://host:6379/0) or pass --broker")
         return self.broker_url
+
+    @property
+    def broker_is_redis(self) -> bool:
+        return (self.broker_url or "").startswith(("redis://", "rediss://", "unix://"))
+
+    def require_state(self) -> str:
+        """The Redis that holds the job state: FARM_STATE_URL, or the broker when it is Redis."""
+        if self.state_url:
+            return self.state_url
+        if self.broker_is_redis or not self.broker_url:
+            return self.require_broker()
+        raise SettingMissing("the broker is not Redis: set FARM_STATE_URL (redis://host:6379/0) for the job state")
 
     def require_store(self) -> str:
         if not self.store:

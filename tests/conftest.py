@@ -204,13 +204,13 @@ class WorkerProcs:
         log = open(self.log_dir / "dispatcher.log", "ab")
         self.dispatcher = subprocess.Popen([sys.executable, "-m", "farm.cli", "dispatcher"], env=self.env, cwd=ROOT,
                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = redis.Redis.from_url(self.settings.broker_url)
+        client = redis.Redis.from_url(self.settings.require_state())
         wait_until(lambda: client.exists(keys.DISPATCHER), 60, "the dispatcher to start", 0.1)
 
     def kill_dispatcher(self, sig=signal.SIGKILL) -> None:
         os.killpg(self.dispatcher.pid, sig)
         self.dispatcher.wait(timeout=30)
-        redis.Redis.from_url(self.settings.broker_url).delete(keys.DISPATCHER)
+        redis.Redis.from_url(self.settings.require_state()).delete(keys.DISPATCHER)
 
     def start(self, count: int = 1, timeout: float = 120, dispatcher: bool = True) -> list[str]:
         if dispatcher and (self.dispatcher is None or self.dispatcher.poll() is not None):
@@ -223,7 +223,7 @@ class WorkerProcs:
             self.procs[name] = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                                 start_new_session=True)
             names.append(name)
-        client = redis.Redis.from_url(self.settings.broker_url)
+        client = redis.Redis.from_url(self.settings.require_state())
         wait_until(lambda: all(client.hexists(keys.WORKERS, n) for n in names), timeout, "workers to be ready", 0.1)
         return names
 

@@ -11,6 +11,7 @@ from farm.settings import Settings
 #: A value for every field that differs from its default, so a field that to_env() forgets fails.
 CHANGED = {
     "broker_url": "redis://:p%40ss@10.0.0.5:6380/2",
+    "state_url": "redis://:p%40ss@10.0.0.6:6379/0",
     "store": "s3://renders/team-a",
     "s3_endpoint_url": "http://minio:9000",
     "cache_dir": Path("/var/cache/farm-test"),
@@ -53,3 +54,13 @@ def test_a_missing_broker_or_store_is_named():
     with pytest.raises(SettingMissing, match="FARM_STORE"):
         Settings().require_store()
     assert Settings(broker_url="redis://x", store="/o").require_broker() == "redis://x"
+
+
+def test_the_job_state_lives_in_the_brokers_redis_or_in_farm_state_url():
+    redis_broker = Settings.from_env({"FARM_BROKER_URL": "redis://r:6379/0"})
+    assert redis_broker.broker_is_redis and redis_broker.require_state() == "redis://r:6379/0"
+    rabbit = Settings.from_env({"FARM_BROKER_URL": "amqp://guest:guest@mq:5672/farm"})
+    with pytest.raises(SettingMissing, match="FARM_STATE_URL"):
+        rabbit.require_state()
+    both = Settings.from_env({"FARM_BROKER_URL": "amqp://mq//", "FARM_STATE_URL": "redis://r:6379/1"})
+    assert not both.broker_is_redis and both.require_state() == "redis://r:6379/1"

@@ -12,7 +12,7 @@ import socket
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from farm import keys, pool
-from farm.celery_app import make_celery
+from farm.celery_app import make_celery, purge_queue
 from farm.connections import connect
 from farm.errors import BrokerAccessDenied, BrokerUnavailable
 from farm.settings import Settings
@@ -43,7 +43,8 @@ def _announce(sender=None, **_) -> None:
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or "none"
     entry = pool.register(client, sender.hostname, keys.worker_queue(settings.queue, sender.hostname),
                           socket.gethostname(), gpu)
-    _lease = LeaseKeeper(client, settings.lease_renew_interval, sender.hostname, entry).start()
+    _lease = LeaseKeeper(client, settings.lease_renew_interval, sender.hostname, entry,
+                         leases=settings.broker_is_redis).start()
     pool.wake(client, sender.hostname)
 
 
@@ -54,7 +55,10 @@ def _retire(sender=None, **_) -> None:
         _lease.stop()
     try:
         client = connect(settings, connect_timeout=2)
-        pool.release(client, sender.hostname, keys.worker_queue(settings.queue, sender.hostname))
+        queue = keys.worker_queue(settings.queue, sender.hostname)
+        pool.release(client, sender.hostname, queue)
+        if not settings.broker_is_redis:
+            purge_queue(sender.app, queue)
     except (BrokerUnavailable, BrokerAccessDenied) as e:
         log.warning("could not hand back this worker's chunks: %s", e)
 

@@ -48,11 +48,13 @@ def held_chunks() -> list[str]:
 
 
 class LeaseKeeper:
-    """Renews message leases and beats the worker's heartbeat, with the chunks it holds,
-    every `interval` seconds."""
+    """Renews message leases (Redis brokers; RabbitMQ needs none) and beats the worker's
+    heartbeat, with the chunks it holds, every `interval` seconds."""
 
-    def __init__(self, client: redis.Redis, interval: float, worker: str | None = None, entry: str | None = None):
+    def __init__(self, client: redis.Redis, interval: float, worker: str | None = None, entry: str | None = None,
+                 leases: bool = True):
         self.client = client
+        self.leases = leases
         self.interval = interval
         self.worker = worker
         self.entry = entry
@@ -82,6 +84,7 @@ class LeaseKeeper:
             try:
                 if self.worker:
                     pool.heartbeat(self.client, self.worker, self.entry, held_chunks())
-                self.renew()
+                if self.leases:
+                    self.renew()
             except (redis.RedisError, BrokerUnavailable) as e:
                 log.warning("could not renew message leases: %s", e)
