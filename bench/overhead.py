@@ -12,6 +12,7 @@ wall-clock times beside it. Both sides render with one torch thread, as a GPU wo
 leaves the CPU to the rest; the other core runs Redis and the dispatcher.
 
     python -m bench.overhead --images 40 --rounds 7
+    python -m bench.overhead --amqp amqp://guest:guest@127.0.0.1:5672/%2F   # Redis and RabbitMQ, in one run
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--amqp", help="also measure with this RabbitMQ as the broker (the state in Redis)")
     args = parser.parse_args()
+    for broker in (None, args.amqp) if args.amqp else (None,):
+        measure(args, broker)
+
+
+def measure(args, broker: str | None) -> None:
     import torch
 
     from workers.tiny import TINY_SD, builtin_model_dir
@@ -41,7 +48,7 @@ def main() -> None:
         torch.set_num_threads(1)
         loop, farm = [], []
         with plain_loop(spec, tmp / "cache", tmp / "loop") as run_loop, \
-                through_farm(spec, tmp / "cache", tmp, cpu_threads=1) as run_farm:
+                through_farm(spec, tmp / "cache", tmp, cpu_threads=1, broker=broker) as run_farm:
             for _ in range(args.rounds):
                 loop.append(run_loop())
                 farm.append(run_farm())
@@ -50,7 +57,8 @@ def main() -> None:
     per_round = [outside(f) - outside(lo) for f, lo in zip(farm, loop)]
     wall = [1000 * (f.seconds - lo.seconds) / n for f, lo in zip(farm, loop)]
     ms = lambda ts, key: statistics.median(1000 * key(t) / t.images for t in ts)  # noqa: E731
-    print(f"{n} images a round, {args.rounds} rounds, tiny-sd 64x64, 1 step, batch size 1")
+    print(f"broker: {'RabbitMQ' if broker else 'Redis'}; {n} images a round, {args.rounds} rounds, tiny-sd 64x64, "
+          "1 step, batch size 1")
     print(f"plain loop: {ms(loop, lambda t: t.seconds):6.2f} ms/image, of which rendering "
           f"{ms(loop, lambda t: t.render_seconds):6.2f} (medians of rounds)")
     print(f"farm:       {ms(farm, lambda t: t.seconds):6.2f} ms/image, of which rendering "

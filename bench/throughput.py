@@ -93,13 +93,13 @@ def plain_loop(spec, cache_dir: Path, out: Path):
 
 
 @contextmanager
-def through_farm(spec, cache_dir: Path, out: Path, cpu_threads: int | None = None):
+def through_farm(spec, cache_dir: Path, out: Path, cpu_threads: int | None = None, broker: str | None = None):
     """Yields run(): the spec submitted as one job to a running farm (Redis, the dispatcher, one
     worker process, a local store), timed to the worker's stamp of the last item. The render
-    seconds are the worker's own, from the records."""
+    seconds are the worker's own, from the records. `broker`: an AMQP URL instead of the farm's Redis."""
     settings = Settings.from_env().with_overrides(store=str(out / "store"), cache_dir=cache_dir, device="cpu",
                                                   cpu_threads=cpu_threads)
-    with EmbeddedFarm(settings, out, name="bench") as embedded:
+    with EmbeddedFarm(settings, out, name="bench", broker=broker) as embedded:
         settings, board = embedded.settings, embedded.board
         warm = make_spec(1, spec.width, spec.steps, 1, seed_start=10_000)
         follow(board, submit(warm, settings).job_id)  # loads the model in the worker

@@ -145,15 +145,17 @@ class EmbeddedFarm:
 
     The dispatcher runs as a thread of this process, or (`dispatcher="process"`) as
     `farm dispatcher` in its own, for a benchmark that measures it. `settings` gives
-    everything but the broker, which is the private Redis; `farm.settings` is the
-    result, for submitting to it.
+    everything but the broker, which is the private Redis (or `broker`, an AMQP URL, with the
+    job state in the private Redis); `farm.settings` is the result, for submitting to it.
     """
 
     def __init__(self, settings: Settings, work_dir: Path, *, workers: int = 1, gpus: str = "none",
-                 name: str = "embedded", dispatcher: Literal["thread", "process"] = "thread"):
+                 name: str = "embedded", dispatcher: Literal["thread", "process"] = "thread",
+                 broker: str | None = None):
         self.work_dir = Path(work_dir)
         self.server = RedisServer(self.work_dir / "redis")
-        self.settings = settings.with_overrides(broker_url=self.server.url)
+        self.settings = settings.with_overrides(broker_url=broker or self.server.url,
+                                                state_url=self.server.url if broker else None)
         self.workers, self.gpus, self.name, self.dispatcher_mode = workers, gpus, name, dispatcher
         self.processes: list[subprocess.Popen] = []
         self.dispatcher: subprocess.Popen | None = None
@@ -163,7 +165,7 @@ class EmbeddedFarm:
 
     @property
     def board(self) -> JobBoard:
-        return JobBoard.from_url(self.settings.broker_url)
+        return JobBoard.from_url(self.settings.require_state())
 
     def start(self, wait: bool = True, timeout: float = 120) -> "EmbeddedFarm":
         """Start everything; with `wait`, return once every worker has joined the pool."""
@@ -195,7 +197,7 @@ class EmbeddedFarm:
         _, self._stop_dispatcher = start_in_thread(self.settings)
 
     def wait_ready(self, timeout: float = 120) -> None:
-        wait_for_workers(self.settings.broker_url, self.workers, timeout)
+        wait_for_workers(self.settings.require_state(), self.workers, timeout)
 
     def stop(self, kill: bool = False) -> None:
         """Stop everything: workers finish their chunk first (SIGTERM), or with `kill`, stop at once
