@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -73,7 +74,6 @@ GRPC_OFFSET = 10_000
 def free_port_pair() -> int:
     """A loopback port that is free, and free 10,000 above it too."""
     import random
-    import socket
 
     for _ in range(200):
         port = random.randint(20_000, 65_535 - GRPC_OFFSET)
@@ -255,6 +255,49 @@ def farm_settings(redis_url, cache_dir, bucket, s3_env) -> Settings:
     return Settings.from_env().with_overrides(
         broker_url=redis_url, store=f"s3://{bucket}/renders", cache_dir=cache_dir, device="cpu", cpu_threads=1
     )
+
+
+def _rabbitmq_answers() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_vhost():
+    """A vhost of this test process on the machine's RabbitMQ (127.0.0.1:5672, guest/guest)."""
+    if shutil.which("rabbitmqctl") is None or not _rabbitmq_answers():
+        pytest.skip("no RabbitMQ answers on 127.0.0.1:5672 (or no rabbitmqctl to make a vhost)")
+    name = f"farm-test-{os.getpid()}"
+    subprocess.run(["rabbitmqctl", "add_vhost", name], check=True, capture_output=True, timeout=60)
+    subprocess.run(["rabbitmqctl", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"], check=True,
+                   capture_output=True, timeout=60)
+    yield name
+    subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
+
+
+_amqp_queues = itertools.count()
+
+
+@pytest.fixture
+def amqp_settings(farm_settings, rabbitmq_vhost, redis_url) -> Settings:
+    """RabbitMQ as the broker, the job state in the test's Redis; a queue prefix per test, since the
+    vhost is shared by the tests of this process."""
+    return farm_settings.with_overrides(broker_url=f"amqp://guest:guest@127.0.0.1:5672/{rabbitmq_vhost}",
+                                        state_url=redis_url, queue=f"farm.render{next(_amqp_queues)}")
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def pool_settings(request, farm_settings) -> Settings:
+    """The test once with Redis as the broker and once with RabbitMQ."""
+    return farm_settings if request.param == "redis" else request.getfixturevalue("amqp_settings")
+
+
+def broker_label(settings: Settings) -> str:
+    """What a fault-table row says of its broker."""
+    return "" if settings.broker_is_redis else "RabbitMQ: "
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from farm import keys
 from farm.embedded import RedisServer, wait_until
 from farm.jobs import JobBoard, JobState
 from farm.spec import parse_spec
-from tests.conftest import S3_SECRET_KEY, run_farm, wait_job
+from tests.conftest import S3_SECRET_KEY, broker_label, run_farm, wait_job
 from tests.netfault import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -77,12 +77,12 @@ def taken_chunk(board: JobBoard, job: str, worker: str) -> int:
                       f"{worker} to take a chunk")[0]
 
 
-def test_chunk_of_a_killed_worker_is_redelivered_within_30s(farm_settings, workers_factory, s3_server, bucket):
-    assert farm_settings.visibility_timeout == 15  # the default a user gets
-    workers = workers_factory(farm_settings)
+def test_chunk_of_a_killed_worker_is_redelivered_within_30s(pool_settings, workers_factory, s3_server, bucket):
+    assert pool_settings.visibility_timeout == 15  # the default a user gets
+    workers = workers_factory(pool_settings)
     victim, survivor = workers.start(2)
-    job = submit(spec(12, size=128, steps=100), farm_settings).job_id
-    board = JobBoard.from_url(farm_settings.broker_url)
+    job = submit(spec(12, size=128, steps=100), pool_settings).job_id
+    board = JobBoard.from_url(pool_settings.require_state())
     chunk = taken_chunk(board, job, victim)
     workers.kill(victim)
     killed_at = time.monotonic()
@@ -94,7 +94,7 @@ def test_chunk_of_a_killed_worker_is_redelivered_within_30s(farm_settings, worke
     assert time.monotonic() - killed_at < 30
     wait_until(lambda: board.deliveries(job).get(chunk, 0) >= 2, 240, "the chunk to run again", interval=0.5)
     assert wait_job(board, job).state is JobState.DONE
-    t = tally("SIGKILL one worker mid-chunk", s3_server, bucket, board, job, 12)
+    t = tally(f"{broker_label(pool_settings)}SIGKILL one worker mid-chunk", s3_server, bucket, board, job, 12)
     assert (t.stored, t.duplicates, t.lost) == (12, 0, 0)
 
 
@@ -296,17 +296,17 @@ def test_report_file_is_plain_json_lines(tmp_path, monkeypatch):
     assert json.loads(Path(tmp_path / "r.jsonl").read_text())["outcome"] == "done"
 
 
-def test_scale_in_drains_then_sigterm_with_a_short_grace_loses_nothing(farm_settings, workers_factory, s3_server,
+def test_scale_in_drains_then_sigterm_with_a_short_grace_loses_nothing(pool_settings, workers_factory, s3_server,
                                                                        bucket):
     """As Kubernetes scales a worker Deployment in: the pod's preStop drains it, SIGTERM follows, and
     SIGKILL comes when the grace period (shorter than the chunk here) runs out."""
     from farm import pool
 
-    settings = farm_settings.with_overrides(visibility_timeout=6.0)
+    settings = pool_settings.with_overrides(visibility_timeout=6.0)
     workers = workers_factory(settings)
     victim, survivor = workers.start(2)
     job = submit(spec(6, size=128, steps=100), settings).job_id
-    board = JobBoard.from_url(settings.broker_url)
+    board = JobBoard.from_url(settings.require_state())
     chunk = taken_chunk(board, job, victim)
     pool.drain(board.redis, [victim])
     workers.procs[victim].send_signal(signal.SIGTERM)
@@ -315,5 +315,6 @@ def test_scale_in_drains_then_sigterm_with_a_short_grace_loses_nothing(farm_sett
     workers.kill(victim)
     assert wait_job(board, job, timeout=400).state is JobState.DONE
     assert board.deliveries(job)[chunk] >= 2
-    t = tally("scale-in: drain, SIGTERM, SIGKILL after a 2 s grace mid-chunk", s3_server, bucket, board, job, 6)
+    t = tally(f"{broker_label(settings)}scale-in: drain, SIGTERM, SIGKILL after a 2 s grace mid-chunk", s3_server,
+              bucket, board, job, 6)
     assert (t.stored, t.duplicates, t.lost) == (6, 0, 0)
