@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="the farm's batch size [warm: 1 (the loop always uses 1); whole: 8, the script's too]")
+    parser.add_argument("--amqp", help="warm: also through the farm with this RabbitMQ as the broker")
     args = parser.parse_args()
     if not args.warm:
         with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
@@ -203,10 +204,10 @@ def main() -> None:
               f"medians of {args.rounds} rounds")
         print_whole(results)
         return
-    warm(args.images[0] if args.images else 32, args.size, args.steps, args.batch_size or 1)
+    warm(args.images[0] if args.images else 32, args.size, args.steps, args.batch_size or 1, args.amqp)
 
 
-def warm(images: int, size: int, steps: int, batch_size: int) -> None:
+def warm(images: int, size: int, steps: int, batch_size: int, amqp: str | None = None) -> None:
     from workers.tiny import TINY_SD, builtin_model_dir
 
     with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
@@ -217,12 +218,14 @@ def warm(images: int, size: int, steps: int, batch_size: int) -> None:
         (tmp / "loop").mkdir()
         with plain_loop(spec, cache, tmp / "loop") as run:
             loop = run().images_per_second
-        with through_farm(spec, cache, tmp) as run:
-            farm = run().images_per_second
+        farms = {}
+        for broker in (None, amqp) if amqp else (None,):
+            with through_farm(spec, cache, tmp / ("amqp" if broker else "redis"), broker=broker) as run:
+                farms["RabbitMQ" if broker else "Redis"] = run().images_per_second
     print(f"{spec.item_count} images, {size}x{size}, {steps} steps, farm batch size {batch_size}")
     print(f"plain loop: {loop:8.2f} images/s")
-    print(f"farm:       {farm:8.2f} images/s")
-    print(f"ratio farm/loop: {farm / loop:.2f}x")
+    for name, farm in farms.items():
+        print(f"farm ({name} broker): {farm:8.2f} images/s, ratio farm/loop: {farm / loop:.2f}x")
 
 
 if __name__ == "__main__":
