@@ -4,7 +4,8 @@ Default: whole processes, start-up and model loading included on every side, the
 images (4 prompts x N/4 seeds, 64 px, 20 steps, Euler a, shapes-sd, batches of 8):
 - the stock diffusers script, one image per call (bench/stock_script.py, batch size 1);
 - the stock script in batches of 8 with per-image generators (the one who knows better);
-- `farm run` (a private Redis, the dispatcher, one worker process, outputs in a folder).
+- `farm run` (a private Redis, the dispatcher, one worker process, outputs in a folder);
+- with `--amqp URL`, `farm run --amqp URL` too (RabbitMQ the broker, the state in the private Redis).
 Every farm image is compared with the batched script's, pixel for pixel.
 
     python -m bench.throughput --images 48 192
@@ -135,10 +136,10 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def whole_processes(images: int, tmp: Path, batch_size: int = 8, steps: int = 20,
-                    rounds: int = 3) -> dict[str, float]:
+                    rounds: int = 3, amqp: str | None = None) -> dict[str, float]:
     """Median seconds for each side to make the same `images` images from a cold start, over
     `rounds` rounds (the sides take turns going first), and whether every farm image equals the
-    batched script's, pixel for pixel."""
+    batched script's, pixel for pixel. With `amqp`, `farm run --amqp` is one more side."""
     from workers import shapes
 
     seeds = images // len(PROMPTS)
@@ -156,18 +157,23 @@ def whole_processes(images: int, tmp: Path, batch_size: int = 8, steps: int = 20
         "farm run": lambda out: [sys.executable, "-m", "farm.cli", "run", str(work / "job.toml"), "--out", str(out),
                                  "--gpus", "none"],
     }
+    if amqp:
+        sides["farm run, RabbitMQ"] = lambda out: [*sides["farm run"](out), "--amqp", amqp]
     names = list(sides)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             out = work / f"{names.index(name)}-{r}"
             times[name].append(_timed(sides[name](out), out.with_suffix(".log")))
-    [job_dir] = [d for d in (work / f"{names.index('farm run')}-0").iterdir() if d.is_dir()]
-    farm_images = sorted((job_dir / "images").glob("*.png"))
     batched = sorted((work / "1-0").glob("*.png"))
-    assert len(farm_images) == len(batched) == images, (len(farm_images), len(batched))
     result = {name: statistics.median(values) for name, values in times.items()}
-    result["identical"] = float(all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(farm_images, batched)))
+    same = True
+    for name in (n for n in names if n.startswith("farm run")):
+        [job_dir] = [d for d in (work / f"{names.index(name)}-0").iterdir() if d.is_dir()]
+        farm_images = sorted((job_dir / "images").glob("*.png"))
+        assert len(farm_images) == len(batched) == images, (name, len(farm_images), len(batched))
+        same &= all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(farm_images, batched))
+    result["identical"] = float(same)
     for name, values in times.items():
         print(f"  {images} images, {name}: " + ", ".join(f"{v:.1f} s" for v in values), flush=True)
     return result
@@ -175,14 +181,14 @@ def whole_processes(images: int, tmp: Path, batch_size: int = 8, steps: int = 20
 
 def print_whole(results: dict[int, dict[str, float]]) -> None:
     sides = [k for k in next(iter(results.values())) if k != "identical"]
-    print(f"{'images':>6}  " + "  ".join(f"{side:>22}" for side in sides) + "   farm/one-per-call  farm/batched  "
-          "same pixels as batched")
+    farms = [s for s in sides if s.startswith("farm run")]
+    print(f"{'images':>6}  " + "  ".join(f"{side:>22}" for side in sides) + "   "
+          + "  ".join(f"{f}: /one-per-call, /batched" for f in farms) + "  same pixels as batched")
     for images, times in results.items():
-        farm = times["farm run"]
         cells = "  ".join(f"{times[s]:8.1f} s {images / times[s]:6.2f}/s" for s in sides)
         naive, batched = times[sides[0]], times[sides[1]]
-        print(f"{images:>6}  {cells}   {naive / farm:16.2f}x  {batched / farm:11.2f}x  "
-              f"{'yes' if times['identical'] else 'NO'}")
+        ratios = "  ".join(f"{' ' * (len(f) - 4)}{naive / times[f]:9.2f}x {batched / times[f]:9.2f}x" for f in farms)
+        print(f"{images:>6}  {cells}   {ratios}  {'yes' if times['identical'] else 'NO'}")
 
 
 def main() -> None:
@@ -194,11 +200,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="the farm's batch size [warm: 1 (the loop always uses 1); whole: 8, the script's too]")
-    parser.add_argument("--amqp", help="warm: also through the farm with this RabbitMQ as the broker")
+    parser.add_argument("--amqp", help="also through the farm with this RabbitMQ as the broker (amqp://...)")
     args = parser.parse_args()
     if not args.warm:
         with tempfile.TemporaryDirectory(prefix="farm-bench-") as tmp:
-            results = {n: whole_processes(n, Path(tmp), args.batch_size or 8, args.steps, args.rounds)
+            results = {n: whole_processes(n, Path(tmp), args.batch_size or 8, args.steps, args.rounds, args.amqp)
                        for n in args.images or [48, 192]}
         print(f"whole processes, start-up and model load included; shapes-sd 64x64, {args.steps} steps, Euler a; "
               f"medians of {args.rounds} rounds")

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,6 +126,8 @@ def run(
     serve: bool = typer.Option(False, "--serve", help="open the dashboard on 127.0.0.1 while the job runs, and "
                                                       "after, until Ctrl-C (no auth: this host only)"),
     port: int = typer.Option(7860, help="with --serve: the dashboard's port"),
+    amqp: Optional[str] = typer.Option(None, "--amqp", help="a RabbitMQ URL (amqp://...) to use as the broker; "
+                                                            "the job state stays in the private Redis"),
 ):
     """Render a job on this machine: a private Redis and real worker processes, outputs in a folder."""
     from farm.embedded import EmbeddedFarm
@@ -137,7 +141,8 @@ def run(
             # starts first, so what this process does next happens while it loads.
             first_model = job.grid.get("model", [job.model])[0]
             settings = Settings.from_env().with_overrides(store=str(out_dir.resolve()), preload=(first_model,))
-            farm = EmbeddedFarm(settings, Path(tmp), gpus=gpus, name=f"run-{os.getpid()}").start(wait=False)
+            farm = EmbeddedFarm(settings, Path(tmp), gpus=gpus, name=f"run-{os.getpid()}",
+                                broker=amqp).start(wait=False)
             from dispatcher.submit import submit
 
             with farm:
@@ -190,12 +195,16 @@ def _open_dashboard(api, port: int, job_id: str):
 
 
 def _serve_until_interrupted(dashboard, port: int) -> None:
-    console.print(f"the dashboard stays up on http://127.0.0.1:{port}; Ctrl-C to stop", highlight=False)
+    # A handler rather than KeyboardInterrupt: a Ctrl-C that lands while the line below is
+    # printed must stop the dashboard too, not unwind past it.
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
-        while dashboard.thread.is_alive():
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        console.print(f"the dashboard stays up on http://127.0.0.1:{port}; Ctrl-C to stop", highlight=False)
+        while dashboard.thread.is_alive() and not interrupted.wait(0.5):
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
     dashboard.stop()
 
 
