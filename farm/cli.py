@@ -195,16 +195,17 @@ def _open_dashboard(api, port: int, job_id: str):
 
 
 def _serve_until_interrupted(dashboard, port: int) -> None:
-    # A handler rather than KeyboardInterrupt: a Ctrl-C that lands while the line below is
-    # printed must stop the dashboard too, not unwind past it.
+    # Handlers of its own: Python leaves SIGINT ignored when the process started with it ignored
+    # (a background job of a script), and the line below promises that Ctrl-C stops it.
     interrupted = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    previous = {sig: signal.signal(sig, lambda *_: interrupted.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         console.print(f"the dashboard stays up on http://127.0.0.1:{port}; Ctrl-C to stop", highlight=False)
         while dashboard.thread.is_alive() and not interrupted.wait(0.5):
             pass
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     dashboard.stop()
 
 

@@ -88,8 +88,12 @@ def test_farm_run_serve_opens_the_dashboard_on_the_embedded_farm_until_ctrl_c(tm
         assert image.headers["content-type"] == "image/png" and Image.open(io.BytesIO(image.content)).size == (64, 64)
         assert farm.poll() is None  # the dashboard stays up once the job is done
     finally:
-        farm.send_signal(signal.SIGINT)
-        out, err = farm.communicate(timeout=60)
+        farm.send_signal(signal.SIGINT)  # pytest-xdist's workers (and so this child) start with SIGINT ignored
+        try:
+            out, err = farm.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            farm.kill()
+            raise
     assert farm.returncode == 0, err
     assert out.strip().splitlines()[-1].endswith(job["job"]) and f"{url}/jobs/{job['job']}" in err
     assert len(list((tmp_path / "out" / job["job"] / "images").glob("*.png"))) == 2

@@ -47,11 +47,11 @@ def _submit_and_wait(spec_path, env):
 
 
 def test_sweep_renders_every_image_into_s3_and_reruns_bit_identically(
-        farm_settings, workers_factory, s3_server, bucket, s3_env, tmp_path, redis_client):
-    workers_factory(farm_settings).start(2)
+        pool_settings, workers_factory, s3_server, bucket, s3_env, tmp_path, redis_client):
+    workers_factory(pool_settings).start(2)
     spec_path = tmp_path / "sweep.toml"
     spec_path.write_text(SWEEP)
-    env = _env(farm_settings, s3_env)
+    env = _env(pool_settings, s3_env)
 
     job = _submit_and_wait(spec_path, env)
 
@@ -94,6 +94,8 @@ def test_sweep_renders_every_image_into_s3_and_reruns_bit_identically(
     assert len(list((tmp_path / "dl" / job / "images").glob("*.png"))) == 12
     assert (tmp_path / "dl" / job / "manifest.jsonl").read_text().count("\n") == 12
     assert Image.open(tmp_path / "dl" / job / "grid.png").size[0] >= 3 * 64
+    if not pool_settings.broker_is_redis:  # the queues were RabbitMQ's; the job state is in Redis
+        assert not redis_client.keys(f"{pool_settings.queue}*") and redis_client.exists(keys.job_hash(job))
 
 
 def test_item_already_stored_is_skipped_not_rendered_again(farm_settings, workers_factory, tmp_path, s3_env, s3_server, bucket):

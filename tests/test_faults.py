@@ -116,19 +116,19 @@ def test_workers_killed_several_times_during_one_job(farm_settings, workers_fact
     assert (t.stored, t.duplicates, t.lost) == (24, 0, 0)
 
 
-def test_sigterm_lets_a_worker_finish_its_chunk_and_hand_back_the_next(farm_settings, workers_factory, s3_server,
+def test_sigterm_lets_a_worker_finish_its_chunk_and_hand_back_the_next(pool_settings, workers_factory, s3_server,
                                                                        bucket):
-    workers = workers_factory(farm_settings)
+    workers = workers_factory(pool_settings)
     [name] = workers.start(1)
-    board = JobBoard.from_url(farm_settings.broker_url)
-    job = submit(spec(4, size=128, steps=30), farm_settings).job_id
+    board = JobBoard.from_url(pool_settings.require_state())
+    job = submit(spec(4, size=128, steps=30), pool_settings).job_id
     wait_until(lambda: board.status(job).running, 120, "the first chunk to start")
     workers.terminate(name)
     assert board.status(job).done == 2
     assert board.redis.lrange(keys.handed_back(job), 0, -1) == [b"1"]
     workers.start(1)
     assert wait_job(board, job).state is JobState.DONE
-    t = tally("SIGTERM to a worker mid-chunk", s3_server, bucket, board, job, 4)
+    t = tally(f"{broker_label(pool_settings)}SIGTERM to a worker mid-chunk", s3_server, bucket, board, job, 4)
     assert (t.stored, t.duplicates, t.lost, t.redelivered) == (4, 0, 0, 0)
 
 
@@ -229,11 +229,11 @@ def test_a_poison_item_among_fifty_good_ones(farm_settings, workers_factory, s3_
     assert (t.stored, t.duplicates, t.lost, t.failed) == (50, 0, 0, 1)
 
 
-def test_the_dispatcher_killed_again_and_again_while_feeding(farm_settings, workers_factory, s3_server, bucket):
-    workers = workers_factory(farm_settings)
+def test_the_dispatcher_killed_again_and_again_while_feeding(pool_settings, workers_factory, s3_server, bucket):
+    workers = workers_factory(pool_settings)
     workers.start(2)
-    board = JobBoard.from_url(farm_settings.broker_url)
-    job = submit(spec(60, steps=3), farm_settings).job_id
+    board = JobBoard.from_url(pool_settings.require_state())
+    job = submit(spec(60, steps=3), pool_settings).job_id
     for _ in range(4):
         wait_until(lambda: board.status(job).done > 0 or board.status(job).running, 60, "progress")
         time.sleep(0.7)
@@ -241,7 +241,8 @@ def test_the_dispatcher_killed_again_and_again_while_feeding(farm_settings, work
         time.sleep(0.5)
         workers.start_dispatcher()
     assert wait_job(board, job, timeout=300).state is JobState.DONE
-    t = tally("the dispatcher SIGKILLed 4 times while feeding", s3_server, bucket, board, job, 60)
+    t = tally(f"{broker_label(pool_settings)}the dispatcher SIGKILLed 4 times while feeding", s3_server, bucket,
+              board, job, 60)
     assert (t.stored, t.duplicates, t.lost) == (60, 0, 0)
 
 

@@ -57,11 +57,11 @@ def test_a_small_job_of_a_second_user_finishes_before_a_tenth_of_a_big_one(farm_
 
 
 def test_cancel_stops_the_running_chunk_at_its_next_step_and_keeps_what_is_stored(
-        farm_settings, workers_factory, s3_env, s3_server, bucket):
-    [name] = workers_factory(farm_settings).start(1)
-    env = cli_env(farm_settings, s3_env)
-    board = JobBoard.from_url(farm_settings.broker_url)
-    job = submit(spec(6, size=256, steps=150, batch=2), farm_settings).job_id
+        pool_settings, workers_factory, s3_env, s3_server, bucket):
+    [name] = workers_factory(pool_settings).start(1)
+    env = cli_env(pool_settings, s3_env)
+    board = JobBoard.from_url(pool_settings.require_state())
+    job = submit(spec(6, size=256, steps=150, batch=2), pool_settings).job_id
 
     def rendering():
         current = next(w for w in workers_json(env)["workers"] if w["worker"] == name)["current"]
@@ -85,12 +85,12 @@ def test_cancel_stops_the_running_chunk_at_its_next_step_and_keeps_what_is_store
 
 
 def test_pause_holds_a_job_and_resume_finishes_it_each_image_once(
-        farm_settings, workers_factory, s3_env, s3_server, bucket):
-    workers = workers_factory(farm_settings)
+        pool_settings, workers_factory, s3_env, s3_server, bucket):
+    workers = workers_factory(pool_settings)
     workers.start(1)
-    env = cli_env(farm_settings, s3_env)
-    board = JobBoard.from_url(farm_settings.broker_url)
-    job = submit(spec(24, steps=6, batch=2), farm_settings).job_id
+    env = cli_env(pool_settings, s3_env)
+    board = JobBoard.from_url(pool_settings.require_state())
+    job = submit(spec(24, steps=6, batch=2), pool_settings).job_id
     wait_until(lambda: board.status(job).done >= 4, 120, "a few images")
     assert run_farm("pause", job, env=env).returncode == 0
     wait_until(lambda: not board.status(job).running, 60, "the running chunk to finish")
@@ -169,13 +169,13 @@ def test_workers_table_shows_host_gpu_model_and_pace(farm_settings, workers_fact
     assert table.returncode == 0 and name in table.stdout and "tiny-sd" in table.stdout
 
 
-def test_an_interactive_job_overtakes_a_batch_job_and_priority_orders_a_lane(farm_settings, workers_factory):
-    workers_factory(farm_settings).start(1)
-    board = JobBoard.from_url(farm_settings.broker_url)
-    sweep = submit(spec(400), farm_settings, user="ann").job_id
+def test_an_interactive_job_overtakes_a_batch_job_and_priority_orders_a_lane(pool_settings, workers_factory):
+    workers_factory(pool_settings).start(1)
+    board = JobBoard.from_url(pool_settings.require_state())
+    sweep = submit(spec(400), pool_settings, user="ann").job_id
     wait_until(lambda: board.status(sweep).done > 0, 120, "the sweep to start")
-    quick = submit(spec(8), farm_settings, user="ann", lane="interactive").job_id
-    urgent = submit(spec(8), farm_settings, user="ann", priority=1).job_id
+    quick = submit(spec(8), pool_settings, user="ann", lane="interactive").job_id
+    urgent = submit(spec(8), pool_settings, user="ann", priority=1).job_id
     assert wait_job(board, quick).state is JobState.DONE
     assert board.status(urgent).done < 8, "the interactive job went first"
     assert wait_job(board, urgent).state is JobState.DONE
