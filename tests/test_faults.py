@@ -81,7 +81,7 @@ def test_chunk_of_a_killed_worker_is_redelivered_within_30s(pool_settings, worke
     assert pool_settings.visibility_timeout == 15  # the default a user gets
     workers = workers_factory(pool_settings)
     victim, survivor = workers.start(2)
-    job = submit(spec(12, size=128, steps=100), pool_settings).job_id
+    job = submit(spec(8, size=128, steps=100), pool_settings).job_id
     board = JobBoard.from_url(pool_settings.require_state())
     chunk = taken_chunk(board, job, victim)
     workers.kill(victim)
@@ -94,8 +94,8 @@ def test_chunk_of_a_killed_worker_is_redelivered_within_30s(pool_settings, worke
     assert time.monotonic() - killed_at < 30
     wait_until(lambda: board.deliveries(job).get(chunk, 0) >= 2, 240, "the chunk to run again", interval=0.5)
     assert wait_job(board, job).state is JobState.DONE
-    t = tally(f"{broker_label(pool_settings)}SIGKILL one worker mid-chunk", s3_server, bucket, board, job, 12)
-    assert (t.stored, t.duplicates, t.lost) == (12, 0, 0)
+    t = tally(f"{broker_label(pool_settings)}SIGKILL one worker mid-chunk", s3_server, bucket, board, job, 8)
+    assert (t.stored, t.duplicates, t.lost) == (8, 0, 0)
 
 
 def test_workers_killed_several_times_during_one_job(farm_settings, workers_factory, s3_server, bucket):
@@ -275,7 +275,7 @@ def test_a_full_model_cache_disk_fails_items_with_the_reason(farm_settings, work
 def test_chunk_rendering_for_three_visibility_timeouts_runs_once(farm_settings, workers_factory, s3_server, bucket):
     settings = farm_settings.with_overrides(visibility_timeout=3.0)
     workers_factory(settings).start(2)
-    job = submit(parse_spec({"prompts": ["slow"], "seeds": [1], "width": 256, "height": 256, "steps": 150}),
+    job = submit(parse_spec({"prompts": ["slow"], "seeds": [1], "width": 256, "height": 256, "steps": 80}),
                  settings).job_id
     board = JobBoard.from_url(settings.broker_url)
     status = wait_job(board, job)
