@@ -181,14 +181,14 @@ def whole_processes(images: int, tmp: Path, batch_size: int = 8, steps: int = 20
 
 def print_whole(results: dict[int, dict[str, float]]) -> None:
     sides = [k for k in next(iter(results.values())) if k != "identical"]
-    farms = [s for s in sides if s.startswith("farm run")]
-    print(f"{'images':>6}  " + "  ".join(f"{side:>22}" for side in sides) + "   "
-          + "  ".join(f"{f}: /one-per-call, /batched" for f in farms) + "  same pixels as batched")
+    print(f"{'images':>6}  " + "  ".join(f"{side:>22}" for side in sides) + "  same pixels as batched")
     for images, times in results.items():
         cells = "  ".join(f"{times[s]:8.1f} s {images / times[s]:6.2f}/s" for s in sides)
+        print(f"{images:>6}  {cells}  {'yes' if times['identical'] else 'NO'}")
         naive, batched = times[sides[0]], times[sides[1]]
-        ratios = "  ".join(f"{' ' * (len(f) - 4)}{naive / times[f]:9.2f}x {batched / times[f]:9.2f}x" for f in farms)
-        print(f"{images:>6}  {cells}   {ratios}  {'yes' if times['identical'] else 'NO'}")
+        for farm in (s for s in sides if s.startswith("farm run")):
+            print(f"{'':>8}{farm}: {naive / times[farm]:.2f}x the one-per-call script, "
+                  f"{batched / times[farm]:.2f}x the batched one")
 
 
 def main() -> None:
