@@ -270,7 +270,7 @@ def _spec_from_args(spec: Optional[Path], from_image: Optional[Path], model: Opt
 
 
 def _board(settings: Settings) -> JobBoard:
-    """The job board on the settings' broker; SettingMissing when none is set."""
+    """The job board on the settings' job-state Redis; SettingMissing when none is set."""
     return JobBoard(connect(settings))
 
 
@@ -623,7 +623,7 @@ def dispatcher(broker: Optional[str] = BrokerOpt,
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         if metrics_port is not None:
             from farm import metrics
-        
+
             metrics.serve_process_metrics(metrics_port, connect(settings))
             console.print(f"metrics on http://0.0.0.0:{metrics_port}/metrics", highlight=False)
         console.print(f"dispatcher feeding queues {settings.queue}.<worker>; Ctrl-C to stop", highlight=False)

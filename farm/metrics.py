@@ -59,15 +59,15 @@ def _worker_metric(kind: str, name: str, documentation: str, labels: tuple[str, 
 
 IMAGES = _worker_metric("Counter", "farm_worker_images", "Images rendered and stored by this worker", ("model",))
 IMAGE_SECONDS = _worker_metric("Histogram", "farm_worker_image_seconds", "Rendering seconds per image",
-                        ("model", "size"), buckets=SECONDS_BUCKETS)
+                               ("model", "size"), buckets=SECONDS_BUCKETS)
 MODEL_LOADS = _worker_metric("Counter", "farm_worker_model_loads", "Models loaded into this worker")
 MODEL_EVICTIONS = _worker_metric("Counter", "farm_worker_model_evictions", "Models dropped to make room for another")
 OOM_HALVINGS = _worker_metric("Counter", "farm_worker_oom_halvings", "Batches halved after running out of memory")
 HANDED_BACK = _worker_metric("Counter", "farm_worker_chunks_handed_back",
-                      "Chunks handed back (paused, or a transient error past its retries)", ("reason",))
+                             "Chunks handed back (paused, or a transient error past its retries)", ("reason",))
 REDELIVERIES = _worker_metric("Counter", "farm_worker_redeliveries", "Chunks this worker got that had started before")
 MEMORY = _worker_metric("Gauge", "farm_worker_memory_bytes", "GPU memory allocated (CUDA) or resident memory (CPU)",
-                 ("kind",), multiprocess_mode="liveall")
+                        ("kind",), multiprocess_mode="liveall")
 ERRORS = _metric("Counter", "farm_service_errors", "Store and broker errors by kind", ("service", "kind"))
 
 
